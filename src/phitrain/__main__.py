@@ -1,0 +1,3 @@
+from phitrain.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The phi model family: presets (plain data), the network, and generation."""

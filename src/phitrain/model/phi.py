@@ -1,0 +1,333 @@
+"""The phi network: one module for both block styles, computing exactly what transformers'
+`PhiForCausalLM` (parallel block: phi-1, phi-1.5, phi-2) and `Phi3ForCausalLM` (sequential block: phi-4)
+compute for the same weights.
+
+Read top to bottom: rotary embedding → attention → the two MLPs → the two norms → the two blocks → the
+model → the KV cache used by generation. The model holds no parallelism, no checkpointing, no compile:
+`phitrain.train` applies those (torchtitan's separation), so this file stays what the papers describe.
+
+Parameter names are ours; `phitrain.interop.hf` maps them to and from the transformers names. The one
+structural difference from transformers is that the parallel block's q/k/v projections are fused into a
+single `qkv` matmul (as phi-4's are): the same function, one GEMM instead of three.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phitrain.config import ModelConfig
+
+
+# ---- rotary position embedding -------------------------------------------------------------------
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021) over the first `rotary_dims` dims of each head, NeoX "rotate half" layout.
+
+    phi-1 §2.3 uses rotary dimension 32 of a 64-dim head (after CodeGen); the remaining dims pass through
+    unrotated. phi-4 rotates the whole head with base 250k after midtraining (Phi-4 report §3). The cos/sin
+    tables are precomputed once for `max_position_embeddings` positions in fp32, exactly the values
+    transformers computes per call (`position * inv_freq`, then cos/sin).
+    """
+
+    def __init__(self, rotary_dims: int, max_positions: int, theta: float):
+        super().__init__()
+        self.rotary_dims, self.max_positions, self.theta = rotary_dims, max_positions, theta
+        self.register_buffer("cos", torch.empty(max_positions, rotary_dims), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, rotary_dims), persistent=False)
+        self.reset_tables()
+
+    @torch.no_grad()
+    def reset_tables(self) -> None:
+        """(Re)compute the tables; also needed after materialising a model built on the meta device."""
+        if self.cos.is_meta:
+            return
+        dim = self.rotary_dims
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        positions = torch.arange(self.max_positions, dtype=torch.int64).float()
+        freqs = positions[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1).to(self.cos.device)
+        self.cos.copy_(emb.cos())
+        self.sin.copy_(emb.sin())
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for `position_ids` ([T] or [B, T]), shaped to broadcast over heads: [.., 1, T, dims]."""
+        cos, sin = self.cos[position_ids], self.sin[position_ids]
+        return cos.unsqueeze(-3), sin.unsqueeze(-3)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` dims of x ([B, H, T, head_dim]); the rest pass through."""
+    d = cos.shape[-1]
+    rot, passthrough = x[..., :d], x[..., d:]
+    x1, x2 = rot.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    out = rot * cos + rotated * sin
+    return torch.cat((out, passthrough), dim=-1) if passthrough.shape[-1] else out
+
+
+# ---- attention -----------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Causal multi-head attention with optional grouped-query heads, through PyTorch SDPA.
+
+    `F.scaled_dot_product_attention` dispatches to FlashAttention on CUDA (phi-1 §2.3 trains with
+    FlashAttention) and to a fused flash kernel on CPU. Biases on the projections for the parallel block
+    (CodeGen/phi-1), none for the sequential block (Phi-3/phi-4). Optional per-head LayerNorm on q and k
+    (transformers' `qk_layernorm`, off in all released phi checkpoints).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        bias = cfg.block == "parallel"
+        self.num_heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        self.attn_pdrop = cfg.attn_pdrop
+        self.qkv = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=bias)
+        self.out_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias)
+        if cfg.qk_layernorm:
+            self.q_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x, cos, sin, mask, cache: "KVCache | None", layer_idx: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_size, kv_size = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.kv_heads, self.head_dim)
+        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q.transpose(1, 2), cos, sin)
+        k = apply_rotary(k.transpose(1, 2), cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer_idx, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,  # without a mask, T > 1 only happens with no past
+            dropout_p=self.attn_pdrop if self.training else 0.0,
+            enable_gqa=self.kv_heads != self.num_heads,
+        )
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, q_size))
+
+
+# ---- MLPs and norms ------------------------------------------------------------------------------
+
+class GeluMLP(nn.Module):
+    """fc1 → gelu (tanh approximation, "gelu_new") → fc2, with biases: the CodeGen/phi-1 MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class SwiGLUMLP(nn.Module):
+    """down(up * silu(gate)) with gate and up fused in one projection (gate first): the Phi-3/phi-4 MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(up * F.silu(gate))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the weight, as Phi-3's reference does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.block == "parallel":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+
+# ---- blocks --------------------------------------------------------------------------------------
+
+class ParallelBlock(nn.Module):
+    """x + drop(attn(ln(x))) + drop(mlp(ln(x))): one LayerNorm, attention and MLP side by side.
+
+    phi-1 §2.3: "MHA and MLP layers in parallel configuration following ... CodeGen, PaLM, and GPT-NeoX".
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp = GeluMLP(cfg)
+        self.drop = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, x, cos, sin, mask, cache, layer_idx):
+        h = self.norm(x)
+        return self.drop(self.attn(h, cos, sin, mask, cache, layer_idx)) + self.drop(self.mlp(h)) + x
+
+
+class SequentialBlock(nn.Module):
+    """Pre-norm: x + drop(attn(rms(x))), then x + drop(mlp(rms(x))) — the Phi-3/phi-4 layer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = SwiGLUMLP(cfg)
+        self.drop = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, x, cos, sin, mask, cache, layer_idx):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, layer_idx))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+# ---- the model -----------------------------------------------------------------------------------
+
+class PhiModel(nn.Module):
+    """Token embedding → dropout → blocks → final norm → lm_head (biased for the parallel style).
+
+    `forward(input_ids)` returns logits [B, T, vocab]; `forward(input_ids, targets)` returns the mean
+    next-token cross-entropy (targets already shifted; -100 is ignored), so wrappers such as DDP/FSDP that
+    hook `forward` see the loss path too. `return_hidden=True` returns the final-norm hidden states
+    (used as document embeddings by the quality classifier, phi-1 §2.1).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_drop = nn.Dropout(cfg.embd_pdrop)
+        block = ParallelBlock if cfg.block == "parallel" else SequentialBlock
+        self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.block == "parallel")
+        self.rope = RotaryEmbedding(cfg.rotary_dims, cfg.max_position_embeddings, cfg.rope_theta)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialisation for training from scratch.
+
+        Normal(0, initializer_range=0.02) for embeddings and projections, zero biases, unit norms — the
+        GPT-2/CodeGen scheme that transformers' Phi models also use — plus GPT-2's scaling of the
+        projections that write into the residual stream (attention output, fc2/down) by 1/sqrt(2·layers)
+        (Radford et al. 2019 §2.3), which keeps the residual's variance from growing with depth.
+        """
+        std = self.config.initializer_range
+        resid_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_resid_out = name.endswith(("out_proj", "fc2", "down"))
+                nn.init.normal_(module.weight, mean=0.0, std=resid_std if is_resid_out else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        self.rope.reset_tables()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: "KVCache | None" = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """input_ids [B, T]; attention_mask [B, past+T] (1 = real token, 0 = padding) for padded batches."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device)
+        if past + T > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {past + T} tokens exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}")
+        cos, sin = self.rope(position_ids)
+        mask = _attention_mask(attention_mask, B, T, past, input_ids.device)
+        x = self.embed_drop(self.embed(input_ids))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, cache, i)
+        x = self.final_norm(x)
+        if cache is not None:
+            cache.length += T
+        if return_hidden:
+            return x
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel() + self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6·N over the matmul parameters (all but the embedding lookup) plus
+        12·layers·hidden·seq for attention scores and values — the PaLM-appendix estimate that nanoGPT
+        and torchtitan also use for MFU."""
+        cfg = self.config
+        matmul_params = self.num_params() - self.embed.weight.numel()
+        return 6 * matmul_params + 12 * cfg.num_layers * cfg.hidden_size * seq_len
+
+
+def _attention_mask(attention_mask, B, T, past, device) -> torch.Tensor | None:
+    """The boolean SDPA mask [B, 1, T, past+T], or None when plain causal attention suffices.
+
+    Each position may always attend to itself, so padding rows are never fully masked (a fully masked
+    row makes SDPA return NaN, which would leak through 0·NaN into real rows).
+    """
+    if attention_mask is None and (past == 0 or T == 1):
+        return None  # plain causal prefill (is_causal) or one decode step that sees the whole cache
+    q_pos = torch.arange(past, past + T, device=device)[:, None]
+    k_pos = torch.arange(past + T, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, : past + T].bool()
+    return allowed | (k_pos == q_pos)[None, None]
+
+
+class KVCache:
+    """Preallocated keys/values for all layers: [layers, B, kv_heads, max_len, head_dim] each.
+
+    A static buffer (written in place, never concatenated) keeps decoding allocation-free. `length` is
+    the number of positions filled; the model advances it after each forward.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (cfg.num_layers, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.length + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"KV cache of {self.k.shape[3]} positions is full")
+        self.k[layer_idx, :, :, self.length:end] = k
+        self.v[layer_idx, :, :, self.length:end] = v
+        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
