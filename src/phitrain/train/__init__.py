@@ -1,0 +1,1 @@
+"""Training: the trainer loop, optimizer and schedules, checkpoints, metrics, parallelism, recipes."""

@@ -1,0 +1,140 @@
+"""Metrics: one JSON line per step in `metrics.jsonl`, TensorBoard when installed, plots and MFU.
+
+MFU (model FLOPs utilisation, PaLM appendix B) = achieved model FLOPs/s ÷ the device's peak. The peak is
+the `peak_tflops` the user states, else a datasheet value for known GPUs, else — on CPUs, which have no
+datasheet number — a measurement of this machine's dense matmul throughput in the training precision,
+so "MFU" there reads as "fraction of the matmul speed this CPU actually reaches".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+# Dense (non-sparse) peak TFLOP/s by GPU name fragment and precision, from NVIDIA datasheets.
+GPU_PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+}
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """Achieved TFLOP/s of square matmuls on `device` in `dtype` (a stand-in peak where none is published)."""
+    n = 1024
+    # a private generator: the global RNG stream drives dropout and must not move (exact resume)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    a @ b  # warm up
+    iters, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        iters += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * iters / (time.perf_counter() - start) / 1e12
+
+
+def peak_tflops(device: torch.device, precision: str, stated: float | None) -> tuple[float, str]:
+    """(peak TFLOP/s, where the number comes from)."""
+    if stated:
+        return stated, "stated in the recipe"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, table in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return table[precision], f"{name} datasheet"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return measure_matmul_tflops(device, dtype), f"measured {precision} matmul on {device.type}"
+
+
+class MetricsLogger:
+    """Appends step records to metrics.jsonl (flushed each write) and mirrors scalars to TensorBoard."""
+
+    def __init__(self, path: Path, resume_step: int = 0, enabled: bool = True):
+        self.path = path
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            # Records written after the checkpoint we resume from describe steps that will run again.
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
+        self.file = open(path, "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+        except ImportError:
+            pass
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # an unreadable (torn) line is dropped
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(records: list[dict], out_dir: Path, title: str) -> list[Path]:
+    """loss.png (train and validation loss) and lr.png; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    written = []
+    if train:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
+        if val:
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+        ax.set(xlabel="step", ylabel="loss (nats/token)", title=f"{title}: loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "loss.png", dpi=100)
+        plt.close(fig)
+        written.append(out_dir / "loss.png")
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.plot([r["step"] for r in train], [r["lr"] for r in train])
+        ax.set(xlabel="step", ylabel="learning rate", title=f"{title}: schedule")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "lr.png", dpi=100)
+        plt.close(fig)
+        written.append(out_dir / "lr.png")
+    return written
