@@ -221,7 +221,12 @@ def export_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike) -> Path:
         gen = {"do_sample": False, **({"bos_token_id": eos, "eos_token_id": eos} if eos is not None else {})}
         atomic_write_text(tmp / "generation_config.json", json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:
-            tokenizer.save(tmp)
+            # Tokenizer.save replaces its whole target directory, so save into a subdirectory and move
+            # the files up beside config.json, where AutoTokenizer looks for them.
+            tokenizer.save(tmp / "tokenizer")
+            for f in (tmp / "tokenizer").iterdir():
+                os.replace(f, tmp / f.name)
+            (tmp / "tokenizer").rmdir()
     return Path(hf_dir)
 
 

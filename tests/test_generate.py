@@ -1,0 +1,135 @@
+"""Generation: the KV-cached path against full recomputation, sampling knobs, stopping, and the
+`phitrain generate` command end to end."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+from conftest import PYTHON, random_phitrain_model, single_thread_env, tiny_config
+
+from phitrain.checkpoint import load_checkpoint
+from phitrain.model.generate import _sample, complete, generate
+
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+
+
+def _prompts(cfg, lengths=(6, 13, 2), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("name", ["parallel-hd80-qknorm", "sequential-gqa4"])
+def test_cached_equals_uncached_on_a_padded_batch(name):
+    model = random_phitrain_model(tiny_config(name), seed=11)
+    prompts = _prompts(model.config)
+    cached = generate(model, prompts, 24)
+    uncached = generate(model, prompts, 24, use_cache=False)
+    assert cached == uncached
+    assert all(len(row) == 24 for row in cached)
+    # each row of the padded batch is what that prompt gives alone
+    assert [generate(model, [p], 24)[0] for p in prompts] == cached
+
+
+@pytest.mark.parametrize("name", ["parallel-hd64", "sequential-hd80"])
+def test_cached_equals_uncached_when_sampling(name):
+    model = random_phitrain_model(tiny_config(name), seed=12)
+    prompts = _prompts(model.config, (4, 9))
+    kw = dict(temperature=1.0, top_k=20, top_p=0.9, seed=5)
+    assert generate(model, prompts, 16, **kw) == generate(model, prompts, 16, use_cache=False, **kw)
+
+
+def test_sampling_is_repeatable_with_a_seed_and_top_k_1_is_greedy():
+    model = random_phitrain_model(tiny_config("parallel-hd64"), seed=13)
+    prompts = _prompts(model.config, (5, 8))
+    a = generate(model, prompts, 20, temperature=1.5, seed=1)
+    assert a == generate(model, prompts, 20, temperature=1.5, seed=1)
+    assert a != generate(model, prompts, 20, temperature=1.5, seed=2)
+    greedy = generate(model, prompts, 20)
+    assert a != greedy
+    assert generate(model, prompts, 20, temperature=1.5, top_k=1, seed=3) == greedy
+    assert generate(model, prompts, 20, temperature=1.5, top_p=1e-6, seed=3) == greedy
+
+
+def test_top_k_and_top_p_keep_exactly_the_right_tokens():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log().expand(4000, 4)
+    seen = set(_sample(logits, 1.0, 2, None, g).tolist())
+    assert seen == {1, 3}  # the two most likely
+    # nucleus: keep the smallest top set whose mass reaches top_p (0.5 + 0.3 = 0.8)
+    assert set(_sample(logits, 1.0, None, 0.8, g).tolist()) == {1, 3}
+    assert set(_sample(logits, 1.0, None, 0.81, g).tolist()) == {1, 3, 2}
+    assert set(_sample(logits, 1.0, None, 0.4, g).tolist()) == {1}
+    # temperature sharpens: at T=0.05 the top token wins essentially always
+    assert set(_sample(logits, 0.05, None, None, g).tolist()) == {1}
+
+
+def test_eos_and_stop_ids_end_each_row_independently():
+    model = random_phitrain_model(tiny_config("sequential-gqa4"), seed=14)
+    prompts = _prompts(model.config, (3, 7))
+    free = generate(model, prompts, 20)
+    eos = free[0][5]
+    stopped = generate(model, prompts, 20, eos_id=eos)
+    first = free[0].index(eos)
+    assert stopped[0] == free[0][: first + 1]  # eos included, nothing after it
+    if eos in free[1]:
+        assert stopped[1] == free[1][: free[1].index(eos) + 1]
+    else:
+        assert stopped[1] == free[1]
+    seq = free[1][8:10]
+    by_ids = generate(model, prompts, 20, stop_ids=[seq])
+    assert by_ids[1][-2:] == seq and len(by_ids[1]) <= 10
+
+
+def test_generate_rejects_bad_requests():
+    model = random_phitrain_model(tiny_config("parallel-hd64", max_position_embeddings=32))
+    with pytest.raises(ValueError, match="context"):
+        generate(model, [[1, 2, 3]], 30)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[]], 3)
+
+
+def test_complete_cuts_at_stop_strings(tiny_checkpoint):
+    model, tokenizer = load_checkpoint(tiny_checkpoint)
+    prompt = "def add(a, b):\n"
+    [free] = complete(model, tokenizer, [prompt], 24)
+    assert free == tokenizer.decode(generate(model, [tokenizer.encode(prompt)], 24, eos_id=tokenizer.eos_id)[0])
+    assert len(free) >= 6
+    stop = free[3:6]
+    [cut] = complete(model, tokenizer, [prompt], 24, stop=[stop])
+    assert cut == free[: free.find(stop)]
+
+
+def test_generate_cli_prints_only_the_completion(tiny_checkpoint):
+    model, tokenizer = load_checkpoint(tiny_checkpoint)
+    prompt = "class Point:\n    def"
+    [expected] = complete(model, tokenizer, [prompt], 12)
+    cmd = [PYTHON, "-m", "phitrain", "generate", str(tiny_checkpoint), "--prompt", prompt,
+           "--max-new-tokens", "12"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                          env=single_thread_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expected + "\n"
+
+
+def test_generate_cli_sampling_flags(tiny_checkpoint, capsys):
+    """The sampling flags reach `complete` and --seed makes them repeatable (in-process: same parser and
+    handler as the console script, without paying for another interpreter start)."""
+    from phitrain.cli import main
+
+    model, tokenizer = load_checkpoint(tiny_checkpoint)
+    prompt = "for i in range(10):\n"
+    argv = ["generate", str(tiny_checkpoint), "--prompt", prompt, "--max-new-tokens", "12", "--temperature",
+            "1.0", "--top-k", "50", "--top-p", "0.95", "--seed", "7", "--stop", "\n\n", "--device", "cpu"]
+    outs = []
+    for _ in range(2):
+        assert main(argv) == 0
+        outs.append(capsys.readouterr().out)
+    [want] = complete(model, tokenizer, [prompt], 12, temperature=1.0, top_k=50, top_p=0.95, seed=7, stop=["\n\n"])
+    assert outs == [want + "\n"] * 2
+    assert main(["generate", str(tiny_checkpoint), "--prompt", "x", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens" in capsys.readouterr().err
