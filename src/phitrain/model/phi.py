@@ -36,8 +36,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, rotary_dims: int, max_positions: int, theta: float):
         super().__init__()
         self.rotary_dims, self.max_positions, self.theta = rotary_dims, max_positions, theta
-        self.register_buffer("cos", torch.empty(max_positions, rotary_dims), persistent=False)
-        self.register_buffer("sin", torch.empty(max_positions, rotary_dims), persistent=False)
+        # half-width tables: the two halves of NeoX-style RoPE share their angles
+        self.register_buffer("cos", torch.empty(max_positions, rotary_dims // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, rotary_dims // 2), persistent=False)
         self.reset_tables()
 
     @torch.no_grad()
@@ -48,10 +49,9 @@ class RotaryEmbedding(nn.Module):
         dim = self.rotary_dims
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         positions = torch.arange(self.max_positions, dtype=torch.int64).float()
-        freqs = positions[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1).to(self.cos.device)
-        self.cos.copy_(emb.cos())
-        self.sin.copy_(emb.sin())
+        freqs = (positions[:, None] * inv_freq[None, :]).to(self.cos.device)
+        self.cos.copy_(freqs.cos())
+        self.sin.copy_(freqs.sin())
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for `position_ids` ([T] or [B, T]), shaped to broadcast over heads: [.., 1, T, dims]."""
@@ -60,14 +60,18 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first `cos.shape[-1]` dims of x ([B, H, T, head_dim]); the rest pass through."""
-    d = cos.shape[-1]
-    rot, passthrough = x[..., :d], x[..., d:]
-    x1, x2 = rot.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
+    """Rotate the first `2 * cos.shape[-1]` dims of x ([B, H, T, head_dim]); the rest pass through.
+
+    With halves x1, x2 this is [x1·cos − x2·sin, x2·cos + x1·sin] — the "rotate half" formula written
+    without materialising rotate_half(x) (same bits, fewer ops).
+    """
+    half = cos.shape[-1]
+    x1, x2, passthrough = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    out = rot * cos + rotated * sin
-    return torch.cat((out, passthrough), dim=-1) if passthrough.shape[-1] else out
+    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if passthrough.shape[-1]:
+        parts.append(passthrough)
+    return torch.cat(parts, dim=-1)
 
 
 # ---- attention -----------------------------------------------------------------------------------
