@@ -158,9 +158,9 @@ def run_stage(stage: StageConfig, stage_dir: Path, *, tokenizer, init_dir: Path 
             raise
         ckpts = complete_checkpoints(stage_dir / "checkpoints")
         resume = f"from {ckpts[-1][1]}" if ckpts else "from the start of the stage (no complete checkpoint yet)"
-        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise PhitrainError(f"rank {dist.rank}: lost contact with another rank ({detail}) - a process died or a "
-                            f"node was lost, so the job stops. Re-run the same command to resume {resume}") from None
+        raise PhitrainError(f"rank {dist.rank}: lost contact with another rank ({parallel.comm_failure_detail(err)}): "
+                            f"a process died or a node was lost, so the job stops. Re-run the same command to "
+                            f"resume {resume}") from None
 
 
 def _train_stage(stage: StageConfig, stage_dir: Path, *, tokenizer, init_dir: Path | None,
