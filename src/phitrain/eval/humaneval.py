@@ -92,29 +92,19 @@ def generate_completions(checkpoint: str | os.PathLike, problems: dict[str, dict
                          max_new_tokens: int = 384, batch_size: int = 8, seed: int = 0,
                          device: str = "cpu") -> list[dict[str, Any]]:
     """n_samples completions per problem from a checkpoint (greedy when temperature is 0)."""
-    from phitrain.checkpoint import load_checkpoint
+    from phitrain.eval.loglik import load_for_eval
     from phitrain.model.generate import complete
 
     if n_samples < 1:
         raise PhitrainError(f"--n-samples must be at least 1, got {n_samples}")
     if n_samples > 1 and temperature <= 0:
         raise PhitrainError("--n-samples > 1 needs --temperature > 0 (greedy decoding repeats one sample)")
-    model, tokenizer = _load(checkpoint, device, load_checkpoint)
+    model, tokenizer = load_for_eval(checkpoint, device)
     task_ids = [t for t in problems for _ in range(n_samples)]
     prompts = [problems[t]["prompt"] for t in task_ids]
     texts = complete(model, tokenizer, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
                      stop=STOP_SEQUENCES, seed=seed, batch_size=batch_size)
     return [{"task_id": t, "completion": c} for t, c in zip(task_ids, texts)]
-
-
-def _load(checkpoint: str | os.PathLike, device: str, loader):
-    path = Path(checkpoint)
-    if not path.is_dir():
-        raise PhitrainError(f"checkpoint {path}: no such directory")
-    model, tokenizer = loader(path, device=device)
-    if tokenizer is None:
-        raise PhitrainError(f"checkpoint {path}: has no tokenizer/ directory; save the checkpoint with its tokenizer")
-    return model, tokenizer
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from phitrain.checkpoint import write_model_files
+from phitrain.checkpoint import replace_directory, write_model_files
 
 STATE_FILE = "trainer_state.pt"
 COMPLETE = "COMPLETE"
@@ -61,22 +61,14 @@ def new_staging_dir(checkpoints: Path) -> Path:
 
 def finish_train_checkpoint(staging: Path, checkpoints: Path, step: int, model, tokenizer,
                             trainer_state: dict) -> Path:
-    """Add model files, trainer_state.pt and COMPLETE (last) to `staging`, then rename it to step-N.
-
-    An existing step-N is moved aside first and deleted after the rename, so at every instant a complete
-    step-N exists or none does."""
+    """Add model files, trainer_state.pt and COMPLETE (last) to `staging`, then rename it to step-N, so at
+    every instant a complete step-N exists or none does."""
     target = step_dir(checkpoints, step)
     try:
         write_model_files(staging, model, tokenizer)
         torch.save(trainer_state, staging / STATE_FILE)
         _fsync_write(staging / COMPLETE, f"step {step}\n")
-        old = None
-        if target.exists():
-            old = checkpoints / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(staging, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
