@@ -213,3 +213,15 @@ def test_changed_recipe_is_refused_unless_forced(data_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "stages.0.optim.lr: 0.003 -> 0.01" in err and "--force" in err and "Traceback" not in err
     assert main(argv + ["--force"]) == 0
+
+
+def test_activation_checkpointing_gives_the_same_losses(data_dir, tmp_path):
+    plain = run_recipe(RecipeConfig.model_validate(recipe_dict(data_dir, max_steps=3)), tmp_path / "plain")
+    ckpt = run_recipe(RecipeConfig.model_validate(recipe_dict(data_dir, max_steps=3, activation_checkpointing=True)),
+                      tmp_path / "ckpt")
+    la = [r["loss"] for r in read_metrics(tmp_path / "plain" / "pretrain" / "metrics.jsonl") if "loss" in r]
+    lb = [r["loss"] for r in read_metrics(tmp_path / "ckpt" / "pretrain" / "metrics.jsonl") if "loss" in r]
+    assert la == pytest.approx(lb, rel=1e-6)
+    a, _ = load_checkpoint(plain[0].final_dir)
+    b, _ = load_checkpoint(ckpt[0].final_dir)
+    assert list(a.state_dict()) == list(b.state_dict())  # parameter names (the checkpoint format) unchanged

@@ -14,6 +14,8 @@ calibration), so the run fits the budget on slower or faster machines; the repor
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import time
@@ -23,7 +25,7 @@ from pathlib import Path
 from phitrain.config import DataRecipe, RecipeConfig, atomic_write_text, load_yaml
 
 # Share of the time budget left after data preparation, per phase.
-PRETRAIN_SHARE, FINETUNE_SHARE = 0.60, 0.15
+PRETRAIN_SHARE, FINETUNE_SHARE = 0.65, 0.15
 SEQ_LEN, BATCH, MICRO = 256, 16, 8
 SAMPLE_PROMPTS = [
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
@@ -80,7 +82,8 @@ def _calibrate(data_dir: Path, vocab_size: int, run_dir: Path, seed: int) -> flo
     probe = _train_recipe(data_dir, vocab_size, 5, 1, seed)
     probe.stages = probe.stages[:1]
     probe.stages[0].eval_windows = 1
-    (summary,) = run_recipe(probe, run_dir, force=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # the probe's own progress and table are noise here
+        (summary,) = run_recipe(probe, run_dir, force=True)
     shutil.rmtree(run_dir, ignore_errors=True)
     return probe.stages[0].tokens_per_step / summary.tokens_per_s
 
