@@ -91,3 +91,14 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     assert main(["train", str(bad), "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "max_stepz" in err and "Traceback" not in err
+
+
+def test_cpu_chain_mirrors_the_paper_stages():
+    pre, mid, fin = load_recipe(RECIPES / "tiny-chain.yaml").stages
+    assert (pre.kind, mid.kind, fin.kind) == ("pretrain", "midtrain", "finetune")
+    assert mid.init_from == fin.init_from == "previous"
+    assert mid.seq_len == 2 * pre.seq_len and mid.model_overrides["rope_theta"] > 10000
+    assert mid.optim.lr == pytest.approx(pre.optim.lr / 10)
+    long_ctx = [s for s in mid.data.sources if s.min_doc_tokens]
+    assert long_ctx and long_ctx[0].weight == pytest.approx(0.3)
+    assert fin.keep_best and fin.optim.weight_decay == 0.01
