@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import builtins
 import difflib
-import json
 import keyword
 import re
 import warnings
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from phitrain.config import BenchmarkSetConfig, DecontamConfig
 from phitrain.errors import PhitrainError
+from phitrain.files import iter_jsonl
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _WORD = re.compile(r"\w+")
@@ -68,13 +68,7 @@ def load_benchmark(cfg: BenchmarkSetConfig) -> list[BenchmarkItem]:
     if not path.is_file():
         raise PhitrainError(f"decontam: benchmark {cfg.name!r}: no such file {path}")
     items = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PhitrainError(f"{path}:{lineno}: malformed JSON: {err.msg}") from None
+    for lineno, rec in iter_jsonl(path):
         missing = [f for f in cfg.fields if not isinstance(rec.get(f), str)]
         if missing:
             raise PhitrainError(f"{path}:{lineno}: missing text field(s) {missing}; set fields")

