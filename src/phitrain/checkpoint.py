@@ -112,19 +112,24 @@ def load_weights(model, state: dict[str, torch.Tensor], source: str | os.PathLik
     model.load_state_dict(state, strict=True)
 
 
-def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None):
-    """(model in eval mode, tokenizer or None) from a checkpoint directory."""
+def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], source, device="cpu"):
+    """A PhiModel holding `state`, built on the meta device first so no memory is spent on a random init."""
     from phitrain.model.phi import PhiModel
 
-    directory = Path(directory)
-    cfg = load_model_config(directory)
-    state = read_state_dict(directory / MODEL_FILE)
     with torch.device("meta"):
         model = PhiModel(cfg)
     model.to_empty(device=device)
-    load_weights(model, {k: v.to(device) for k, v in state.items()}, directory / MODEL_FILE)
+    load_weights(model, {k: v.detach().to(device) for k, v in state.items()}, source)
     model.rope.reset_tables()
+    return model
+
+
+def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None):
+    """(model in eval mode, tokenizer or None) from a checkpoint directory."""
+    directory = Path(directory)
+    cfg = load_model_config(directory)
+    model = model_from_state(cfg, read_state_dict(directory / MODEL_FILE), directory / MODEL_FILE, device)
     if dtype is not None:
         model.to(dtype)
     model.eval()

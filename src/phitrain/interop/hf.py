@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from phitrain.checkpoint import atomic_directory, load_checkpoint, load_weights, read_state_dict, write_model_files
+from phitrain.checkpoint import (atomic_directory, load_checkpoint, model_from_state, read_state_dict,
+                                 write_model_files)
 from phitrain.config import ModelConfig, atomic_write_text, validate
 from phitrain.errors import PhitrainError
 
@@ -232,8 +233,6 @@ def export_hf(ckpt_dir: str | os.PathLike, hf_dir: str | os.PathLike) -> Path:
 
 def import_hf(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike) -> Path:
     """transformers directory → phitrain checkpoint (tokenizer.json, when present, comes along)."""
-    from phitrain.model.phi import PhiModel
-
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise PhitrainError(f"{hf_dir}: directory does not exist")
@@ -246,11 +245,7 @@ def import_hf(hf_dir: str | os.PathLike, ckpt_dir: str | os.PathLike) -> Path:
         raise PhitrainError(f"{config_path}: not valid JSON ({err})") from None
     cfg = from_hf_config(hf_config, str(config_path))
     state = from_hf_state_dict(_read_hf_weights(hf_dir), cfg, str(hf_dir))
-    with torch.device("meta"):
-        model = PhiModel(cfg)
-    model.to_empty(device="cpu")
-    load_weights(model, state, hf_dir)
-    model.rope.reset_tables()
+    model = model_from_state(cfg, state, hf_dir)
     tokenizer = None
     if (hf_dir / "tokenizer.json").is_file():
         from phitrain.tokenizer import load_tokenizer

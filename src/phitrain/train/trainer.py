@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from phitrain.checkpoint import atomic_directory, load_checkpoint, load_weights, write_model_files
+from phitrain.checkpoint import (MODEL_FILE, atomic_directory, load_checkpoint, load_model_config, load_weights,
+                                 model_from_state, read_state_dict, write_model_files)
 from phitrain.config import StageConfig, atomic_write_text
 from phitrain.errors import PhitrainError
 from phitrain.model.phi import PhiModel
@@ -91,14 +92,12 @@ def build_model(stage: StageConfig, tokenizer, init_dir: Path | None) -> PhiMode
     else:
         if init_dir is None:
             raise PhitrainError(f"stage {stage.name!r}: init_from has no checkpoint to start from")
-        previous, _ = load_checkpoint(init_dir)
+        previous = load_model_config(init_dir)
         try:
-            cfg = previous.config.model_copy(update=stage.model_overrides)
-            cfg = type(cfg).model_validate(cfg.model_dump())
+            cfg = type(previous).model_validate({**previous.model_dump(), **stage.model_overrides})
         except ValueError as err:
             raise PhitrainError(f"stage {stage.name!r}: model_overrides: {err}") from None
-        model = PhiModel(cfg)
-        load_weights(model, previous.state_dict(), init_dir)
+        model = model_from_state(cfg, read_state_dict(Path(init_dir) / MODEL_FILE), init_dir)
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise PhitrainError(
             f"stage {stage.name!r}: the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size "
@@ -192,8 +191,7 @@ def _train_stage(stage: StageConfig, stage_dir: Path, *, tokenizer, init_dir: Pa
     ckpts = complete_checkpoints(ckpt_root)
     if ckpts:
         last_step, last_dir = ckpts[-1]
-        resumed, _ = load_checkpoint(last_dir)
-        load_weights(model, {k: v.to(device) for k, v in resumed.state_dict().items()}, last_dir)
+        load_weights(model, {k: v.to(device) for k, v in read_state_dict(last_dir / MODEL_FILE).items()}, last_dir)
         state = load_trainer_state(last_dir)
         if dist.is_main:
             print(f"[{stage.name}] resuming from {last_dir} (step {last_step})", flush=True)
@@ -247,7 +245,7 @@ def _train_stage(stage: StageConfig, stage_dir: Path, *, tokenizer, init_dir: Pa
         }
         full = engine.full_state_dict(staging)
         if dist.is_main:
-            model_copy = _plain_copy(model_cfg, full)
+            model_copy = model_from_state(model_cfg, full, staging)
             finish_train_checkpoint(staging, ckpt_root, at_step, model_copy, tokenizer, trainer_state)
             best_steps = {best["step"]} if stage.keep_best and best["step"] is not None else set()
             prune(ckpt_root, stage.keep_last, keep=best_steps)
@@ -341,16 +339,6 @@ def _train_stage(stage: StageConfig, stage_dir: Path, *, tokenizer, init_dir: Pa
         atomic_write_text(stage_dir / SUMMARY_FILE, json.dumps(asdict(summary), indent=2) + "\n")
     dist.barrier()
     return summary
-
-
-def _plain_copy(cfg, full_state: dict) -> PhiModel:
-    """A CPU PhiModel holding `full_state` (the gathered weights), for writing a checkpoint."""
-    with torch.device("meta"):
-        m = PhiModel(cfg)
-    m.to_empty(device="cpu")
-    m.load_state_dict({k: v.detach().cpu() for k, v in full_state.items()})
-    m.rope.reset_tables()
-    return m
 
 
 def _memory_mb(device: torch.device) -> float:
