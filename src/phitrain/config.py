@@ -327,12 +327,15 @@ class DataSourceConfig(Config):
     - "files": directories (walked recursively) and/or glob patterns in `paths`, filtered by `include`;
     - "jsonl" / "parquet": records whose `text_field` holds the document;
     - "stdlib": the installed Python standard library's own .py files (real code, always present —
-      the quickstart's corpus; `include_tests` adds the test suites, ~2.5x more code).
-    `strict` turns every counted skip of this source (malformed line, missing field, bad UTF-8) into an
-    error instead."""
+      the quickstart's corpus; `include_tests` adds the test suites, ~2.5x more code);
+    - "web": WARC files (`.warc`, `.warc.gz`; HTTP responses with an HTML body) and/or plain HTML files,
+      whose main text is extracted (trafilatura) and filtered by the recipe's `web` heuristics (Phi-4 §2:
+      filtered web data is the largest pretraining source).
+    Paths may be gzip (.gz) or zstd (.zst) compressed. `strict` turns every counted skip of this source
+    (malformed line, missing field, bad UTF-8, corrupt file) into an error instead."""
 
     name: str
-    kind: Literal["files", "jsonl", "parquet", "stdlib"]
+    kind: Literal["files", "jsonl", "parquet", "stdlib", "web"]
     paths: list[str] = []
     include: list[str] = ["*"]
     text_field: str = "text"
@@ -396,19 +399,27 @@ class QualityConfig(Config):
 
 
 class DedupConfig(Config):
-    """Exact (content hash) and near-duplicate (MinHash LSH over word shingles) removal."""
+    """Exact (content hash) and near-duplicate removal with DataTrove's MinHash LSH: `num_buckets` bands
+    of `hashes_per_bucket` hashes over word `shingle_size`-grams. Two documents are paired when all hashes
+    of one band agree, which happens with probability 1 - (1 - J^r)^b for Jaccard similarity J; the
+    S-curve's midpoint (1/b)^(1/r) is the effective threshold (14 x 8, FineWeb's setting: ~0.72)."""
 
     exact: bool = True
     near: bool = True
-    threshold: float = 0.85
-    num_perm: int = 128
+    num_buckets: int = 14
+    hashes_per_bucket: int = 8
     shingle_size: int = 5
 
     @model_validator(mode="after")
     def _check(self) -> "DedupConfig":
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.num_buckets < 1 or self.hashes_per_bucket < 1 or self.shingle_size < 1:
+            raise ValueError("num_buckets, hashes_per_bucket and shingle_size must be at least 1")
         return self
+
+    @property
+    def threshold(self) -> float:
+        """The Jaccard similarity at which a pair is found with probability ~1/2."""
+        return (1.0 / self.num_buckets) ** (1.0 / self.hashes_per_bucket)
 
 
 class BenchmarkSetConfig(Config):
@@ -472,27 +483,68 @@ class DataTokenizerConfig(Config):
 
 
 class ShardConfig(Config):
-    """Token shards: `shard_bytes` of input text per shard, `workers` processes (0 = all cores), and the
-    fraction of documents held out (by content hash) as the `val` split."""
+    """Token shards (one per task, source and split) and the fraction of documents held out (by content
+    hash) as the `val` split."""
 
-    shard_bytes: int = 4_000_000
-    workers: int = 0
     val_fraction: float = 0.02
 
     @model_validator(mode="after")
     def _check(self) -> "ShardConfig":
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.shard_bytes <= 0:
-            raise ValueError(f"shard_bytes must be positive, got {self.shard_bytes}")
+        return self
+
+
+class WebConfig(Config):
+    """Heuristics for `web` sources after main-text extraction (Phi-4 §2 filters web data for quality;
+    these are the Gopher (Rae et al. 2021) and FineWeb rules DataTrove implements). `languages`: keep
+    documents whose py3langid language is listed with at least `language_threshold` probability."""
+
+    languages: list[str] = ["en"]
+    language_threshold: float = 0.65
+    gopher_quality: bool = True
+    gopher_repetition: bool = True
+    fineweb_quality: bool = True
+    min_words: int = 50
+    extract_timeout_s: float = 5.0
+
+
+class ExecutorConfig(Config):
+    """Where `phitrain data prepare` runs (DataTrove executors; the same recipe runs on each).
+    `tasks`: each source is split into this many tasks (contiguous ranges of its files); `workers`:
+    tasks run at once (0 = all cores on the local executor). `slurm`: array jobs with dependencies
+    between stages, submitted with `sbatch` from the submitting machine (`partition`, `time`, ...).
+    `ray`: tasks on the Ray cluster at `ray_address` ("auto" = the cluster this machine belongs to)."""
+
+    kind: Literal["local", "slurm", "ray"] = "local"
+    tasks: int = 1
+    workers: int = 0
+    partition: str | None = None
+    time: str = "04:00:00"
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: float = 2.0
+    env_command: str | None = None
+    sbatch_args: dict[str, str] = {}
+    ray_address: str = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ExecutorConfig":
+        if self.tasks < 1:
+            raise ValueError(f"tasks must be at least 1, got {self.tasks}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0 = all cores), got {self.workers}")
+        if self.kind == "slurm" and not self.partition:
+            raise ValueError("executor slurm needs partition")
         return self
 
 
 class DataRecipe(Config):
-    """What `phitrain data prepare RECIPE.yaml --out DATA_DIR` runs: sources → clean → dedup → quality →
-    decontaminate → exercises → tokenizer → shards."""
+    """What `phitrain data prepare RECIPE.yaml --out DATA_DIR` runs: sources → clean (→ web extraction and
+    filters) → dedup → quality → decontaminate → exercises → tokenizer → shards, as DataTrove stages."""
 
     sources: list[DataSourceConfig]
+    executor: ExecutorConfig = ExecutorConfig()
+    web: WebConfig = WebConfig()
     clean: CleanConfig = CleanConfig()
     dedup: DedupConfig = DedupConfig()
     quality: QualityConfig = QualityConfig()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import json
 import difflib
 import keyword
 import re
@@ -21,7 +22,10 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from phitrain.config import BenchmarkSetConfig, DecontamConfig
+from datatrove.pipeline.base import PipelineStep
+
+from phitrain.config import BenchmarkSetConfig, DecontamConfig, ExercisesConfig, atomic_write_text
+from phitrain.data.accounting import Accounting
 from phitrain.errors import PhitrainError
 from phitrain.files import iter_jsonl
 
@@ -240,3 +244,54 @@ class Decontaminator:
 def _grams(toks: list[str]) -> list[tuple[str, ...]]:
     g = _PREFILTER_GRAM
     return [tuple(toks[i:i + g]) for i in range(len(toks) - g + 1)]
+
+
+class DecontaminateAndMine(Accounting, PipelineStep):
+    """Pipeline step (phi-1 §5 then §2.2): drop documents that overlap the benchmarks (reason
+    `contaminated`, every match written to the task's match log with its task id), then cut
+    CodeExercises-style pairs from the survivors of the sources in `exercise_scope`; each pair is checked
+    against the benchmarks too and, if clean, emitted as a document of the `exercises` source right
+    after its parent. One parse per document serves both."""
+
+    name = "🧪 decontaminate + exercises"
+    type = "phitrain"
+    log_name = "decontam"
+
+    def __init__(self, cfg: DecontamConfig, exercises: ExercisesConfig, exercise_scope: list[str],
+                 drop_dir: str, matches_dir: str):
+        super().__init__()
+        self.cfg, self.exercises, self.scope = cfg, exercises, set(exercise_scope)
+        self.drop_dir, self.matches_dir = drop_dir, matches_dir
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        from datatrove.data import Document
+
+        from phitrain.data.exercises import extract_exercises
+
+        self.begin(rank)
+        deco = Decontaminator.from_config(self.cfg) if self.cfg.enabled else None
+        matches: list[dict] = []
+        ex_name = self.exercises.name
+        for doc in data:
+            source = doc.metadata["source"]
+            tree = parse_python(doc.text)
+            found = deco.check(doc.id, doc.text, tree) if deco else []
+            if found:
+                matches.extend({**m.as_dict(), "kind": "document"} for m in found)
+                self.drop(source, "contaminated", doc.id)
+                continue
+            yield doc
+            if not self.exercises.enabled or source not in self.scope:
+                continue
+            for ex in extract_exercises(doc.id, doc.text, self.exercises, tree):
+                text = ex["prompt"] + ex["completion"]
+                self.count(ex_name, "extracted")
+                found = deco.check(f"exercise {ex['source']}", text) if deco else []
+                if found:
+                    matches.extend({**m.as_dict(), "kind": "exercise"} for m in found)
+                    self.drop(ex_name, "contaminated", ex["source"])
+                    continue
+                yield Document(text=text, id=ex["source"],
+                               metadata={"source": ex_name, "prompt": ex["prompt"], "completion": ex["completion"]})
+        atomic_write_text(Path(self.matches_dir) / f"{rank:05d}.json", json.dumps(matches))
+        self.end()

@@ -1,5 +1,21 @@
-"""`phitrain data prepare`: raw sources → clean → dedup → quality → decontaminate → exercises →
-tokenizer → token shards, with every document accounted for in `stats.json`.
+"""`phitrain data prepare`: the phi-1 §2 / Phi-4 §2 data pipeline as DataTrove stages.
+
+Documents stream through DataTrove pipeline steps; no stage holds the corpus in memory. Each stage is one
+DataTrove executor (local, Slurm or Ray — the recipe's `executor`), depending on the one before, and
+every finished task is marked in `work/logs/<stage>/completions/`, so a re-run (after a crash, a
+`kill -9`, a preempted Slurm job) runs only what is left. With T = `executor.tasks` and S sources:
+
+    read          S×T  sources → clean → (web: extract, language, Gopher/FineWeb filters) → work/clean/
+                       + MinHash signatures and content hashes
+    dedup-buckets  B   DataTrove MinHash stage 2 (B = num_buckets)
+    dedup-cluster  1   clusters, first-in-input-order kept (dedup.Clusters)
+    dedup         S×T  DataTrove MinHash stage 4 → work/deduped/
+    quality-fit    1   annotate a content-hash sample, fit the random forest (phi-1 §2.1)
+    filter        S×T  quality filter → decontaminate (13-gram + AST) → exercises → val split
+                       → work/docs/<source>/<split>/NNNNN.jsonl
+    tokenizer      1   train the BPE on the train documents (or load the recipe's tokenizer)
+    shards        S×T  token shards <source>/<split>/shard-NNNNN.*
+    report         1   manifests, exercises.jsonl, reports/, stats.json
 
 The order follows phi-1 §2: deduplicate first (the paper filters the *deduplicated* Stack), then score
 educational value, then remove anything overlapping the evaluation sets (§5) — the exercises too, since
@@ -8,311 +24,333 @@ they are cut from the same code. Output (`DATA_DIR`):
     <source>/ manifest.json, train/, val/    one prepared source each (see shards.py), incl. `exercises`
     exercises.jsonl            {"prompt", "completion", "source"} pairs for finetuning
     reports/                   dedup clusters, decontamination matches, quality summary, drop examples
-    work/<source>.<split>.jsonl  the cleaned documents that were tokenised (inputs of the shards)
+    work/                      intermediate documents, MinHash files, DataTrove logs and completions
     stats.json                 the numbers `phitrain data stats` prints
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-import multiprocessing
 import os
+import shutil
+import sys
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupFilter
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
 
 from phitrain.config import DataRecipe, atomic_write_text
-from phitrain.data.clean import clean_document
-from phitrain.data.decontam import Decontaminator, parse_python
-from phitrain.data.dedup import deduplicate
-from phitrain.data.exercises import extract_exercises
-from phitrain.data.quality import quality_filter
-from phitrain.data.shards import MANIFEST, init_worker, token_dtype, tokenize_splits
-from phitrain.data.sources import Drops, iter_source
+from phitrain.data.accounting import drop_examples, merge_task_stats
+from phitrain.data.clean import Clean
+from phitrain.data.decontam import DecontaminateAndMine
+from phitrain.data.dedup import Clusters, CountDedup, Signatures, cluster_report, minhash_config
+from phitrain.data.executors import make_executors
+from phitrain.data.quality import QualityFilter, QualityFit, QualityModel
+from phitrain.data.shards import MANIFEST, ShardWriter, token_dtype
+from phitrain.data.sources import SourceReader
+from phitrain.data.web import WebFilters
 from phitrain.errors import PhitrainError
 
 STATS_FILE = "stats.json"
 TOKENIZER_DIR = "tokenizer"
 
 
-class _Progress:
-    """Rich progress bars on stderr (one per stage), or nothing when `enabled` is false."""
-
-    def __init__(self, enabled: bool):
-        self.bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=Console(stderr=True))
-
-    def __enter__(self) -> "_Progress":
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar:
-            self.bar.stop()
-
-    @contextmanager
-    def stage(self, description: str, total: int | None) -> Iterator:
-        if self.bar is None:
-            yield lambda n=1: None
-            return
-        task = self.bar.add_task(description, total=total)
-        yield lambda n=1: self.bar.advance(task, n)
-        done = self.bar.tasks[task].total or self.bar.tasks[task].completed
-        self.bar.update(task, total=done, completed=done)
-
-
-def _in_val(text: str, fraction: float) -> bool:
-    """Held-out by content hash: deterministic, independent of order, and duplicates (if any survived)
-    land on the same side."""
+def in_val(text: str, fraction: float) -> bool:
+    """Held-out by content hash: deterministic, independent of order and task count, and duplicates (if
+    any survived) land on the same side."""
     h = int.from_bytes(hashlib.sha256(text.encode("utf-8", errors="replace")).digest()[:8], "big")
     return h < fraction * 2**64
 
 
-def _write_jsonl(path: Path, rows) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    os.replace(tmp, path)
-    return n
+class TaskFile(JsonlReader):
+    """Reads the one JSONL file a previous stage's task `rank` wrote (`NNNNN.jsonl`), so a stage with
+    the same task count sees exactly the documents, in the order, that its task of the same rank made."""
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        if self.data_folder.isfile(f"{rank:05d}.jsonl"):
+            yield from self.read_file(f"{rank:05d}.jsonl")
 
 
-def _split_docs(docs: list[tuple[str, str]], fraction: float) -> dict[str, list[tuple[str, str]]]:
-    val = [d for d in docs if _in_val(d[1], fraction)] if fraction > 0 else []
-    if fraction > 0 and not val and len(docs) >= 2:
-        # a small source would otherwise have no validation data at all: hold out its lowest-hash document
-        val = [min(docs, key=lambda d: hashlib.sha256(d[1].encode("utf-8", errors="replace")).digest())]
-    val_ids = {id(d) for d in val}
-    return {"train": [d for d in docs if id(d) not in val_ids], "val": val}
+class Split(PipelineStep):
+    """Marks each document `train` or `val` (metadata "split") by content hash and counts them."""
+
+    name = "✂️ val split"
+    type = "phitrain"
+
+    def __init__(self, fraction: float):
+        super().__init__()
+        self.fraction = fraction
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        for doc in data:
+            split = "val" if self.fraction > 0 and in_val(doc.text, self.fraction) else "train"
+            doc.metadata["split"] = split
+            self.stat_update(f"{doc.metadata['source']}|{split}_docs")
+            yield doc
 
 
-def _load_or_train_tokenizer(recipe: DataRecipe, out: Path, train_files: list[Path]):
-    from phitrain.tokenizer import load_tokenizer, train_bpe
+class TrainTokenizer(PipelineStep):
+    """Stage `tokenizer` (one task): train the byte-level BPE on the kept train documents (sources in
+    recipe order, tasks in order, up to `train_max_bytes`), or save the recipe's tokenizer."""
 
-    tcfg = recipe.tokenizer
-    tok_dir = out / TOKENIZER_DIR
-    if not tcfg.train:
-        tok = load_tokenizer(tcfg.spec)
-        tok.save(tok_dir)
-        return tok, False
-    key = hashlib.sha256()
-    key.update(f"{tcfg.vocab_size}:{tcfg.train_max_bytes}".encode())
-    for p in train_files:
-        key.update(hashlib.sha256(p.read_bytes()).digest())
-    key_file = out / "work" / "tokenizer.key"
-    if tok_dir.is_dir() and key_file.is_file() and key_file.read_text() == key.hexdigest():
-        return load_tokenizer(tok_dir), True
+    name = "🔤 tokenizer"
+    type = "phitrain"
 
-    def texts() -> Iterator[str]:
-        budget = tcfg.train_max_bytes
-        for p in train_files:
-            with p.open(encoding="utf-8") as f:
-                for line in f:
-                    text = json.loads(line)["text"]
-                    yield text
-                    if budget is not None:
-                        budget -= len(text)
-                        if budget <= 0:
-                            return
+    def __init__(self, recipe: DataRecipe, names: list[str], docs_dir: str, out_dir: str):
+        super().__init__()
+        self.tcfg, self.names, self.docs_dir, self.out_dir = recipe.tokenizer, names, Path(docs_dir), Path(out_dir)
 
-    tok = train_bpe(texts(), tcfg.vocab_size, out_dir=tok_dir)
-    atomic_write_text(key_file, key.hexdigest())
-    return tok, False
+    def texts(self):
+        budget = self.tcfg.train_max_bytes
+        for name in self.names:
+            for path in sorted((self.docs_dir / name / "train").glob("*.jsonl")):
+                with path.open(encoding="utf-8") as f:
+                    for line in f:
+                        text = json.loads(line)["text"]
+                        yield text
+                        if budget is not None:
+                            budget -= len(text)
+                            if budget <= 0:
+                                return
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        from phitrain.tokenizer import load_tokenizer, train_bpe
+
+        if self.tcfg.train:
+            texts = self.texts()
+            first = next(texts, None)
+            if first is None:
+                raise PhitrainError("prepare: no train documents left after filtering to train a tokenizer on; "
+                                    "see the drop counts in the stage stats under work/logs/")
+            train_bpe(itertools.chain([first], texts), self.tcfg.vocab_size, out_dir=self.out_dir)
+        else:
+            load_tokenizer(self.tcfg.spec).save(self.out_dir)
+        return
+        yield
+
+
+class Report(PipelineStep):
+    """Stage `report` (one task): manifests, `exercises.jsonl`, `reports/` and `stats.json` from the
+    stages' per-task stats and logs."""
+
+    name = "📊 report"
+    type = "phitrain"
+
+    def __init__(self, recipe: DataRecipe, out: str):
+        super().__init__()
+        self.recipe, self.out = recipe, Path(out)
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        write_report(self.recipe, self.out)
+        return
+        yield
+
+
+def source_names(recipe: DataRecipe) -> list[str]:
+    names = [s.name for s in recipe.sources]
+    return names + [recipe.exercises.name] if recipe.exercises.enabled else names
+
+
+def build_stages(recipe: DataRecipe, out: Path) -> list[tuple[str, list, int]]:
+    """(stage name, DataTrove pipeline, tasks) in the order they run."""
+    work = out / "work"
+    T = recipe.executor.tasks
+    R = len(recipe.sources) * T
+    mh = minhash_config(recipe.dedup)
+    dropped = str(work / "dropped")
+    dedup_on = recipe.dedup.exact or recipe.dedup.near
+    names = [s.name for s in recipe.sources]
+    read = [SourceReader(recipe.sources, T, recipe.clean.invalid_utf8, drop_dir=dropped),
+            Clean(recipe.clean, [s.name for s in recipe.sources if s.strict], drop_dir=dropped),
+            WebFilters(recipe.sources, T, recipe.web),
+            JsonlWriter(str(work / "clean"), output_filename="${rank}.jsonl", compression=None)]
+    if dedup_on:
+        read.append(Signatures(str(work / "minhash" / "sigs"), mh))
+    stages: list[tuple[str, list, int]] = [("read", read, R)]
+    if dedup_on:
+        stages += [
+            ("dedup-buckets", [MinhashDedupBuckets(str(work / "minhash" / "sigs"), str(work / "minhash" / "dups"),
+                                                   config=mh)], mh.num_buckets),
+            ("dedup-cluster", [Clusters(str(work / "minhash" / "sigs"), str(work / "minhash" / "dups"),
+                                        str(work / "minhash" / "remove"), mh, recipe.dedup)], 1),
+            ("dedup", [TaskFile(str(work / "clean"), compression=None),
+                       CountDedup(str(work / "minhash" / "remove"), str(work / "minhash" / "sigs"), dropped),
+                       MinhashDedupFilter(str(work / "minhash" / "remove")),
+                       JsonlWriter(str(work / "deduped"), output_filename="${rank}.jsonl", compression=None)], R)]
+    docs_in = work / ("deduped" if dedup_on else "clean")
+    filt: list = [TaskFile(str(docs_in), compression=None)]
+    q = recipe.quality
+    if q.enabled:
+        scope = q.sources or names
+        stages.append(("quality-fit", [QualityFit(q, recipe.seed, scope, str(docs_in), str(work / "quality.pkl"))], 1))
+        filt.append(QualityFilter(q, scope, str(work / "quality.pkl"), dropped))
+    filt += [DecontaminateAndMine(recipe.decontam, recipe.exercises, recipe.exercises.sources or names, dropped,
+                                  str(work / "matches")),
+             Split(recipe.shards.val_fraction),
+             JsonlWriter(str(work / "docs"), output_filename="${source}/${split}/${rank}.jsonl", compression=None,
+                         adapter=_doc_record)]
+    stages += [("filter", filt, R),
+               ("tokenizer", [TrainTokenizer(recipe, source_names(recipe), str(work / "docs"), str(out / TOKENIZER_DIR))], 1),
+               ("shards", [ShardWriter(str(work / "docs"), str(out), str(out / TOKENIZER_DIR))], R),
+               ("report", [Report(recipe, str(out))], 1)]
+    return stages
+
+
+def _doc_record(self, document) -> dict:
+    """What the filter stage writes per kept document: text, id and metadata (split and source stay in
+    the path)."""
+    return {"text": document.text, "id": document.id, "metadata": document.metadata}
+
+
+def _recipe_key(recipe: DataRecipe) -> str:
+    return hashlib.sha256(recipe.model_dump_json(exclude={"executor"}).encode()).hexdigest()
 
 
 def prepare(recipe: DataRecipe, out_dir: str | os.PathLike, *, progress: bool = True) -> dict:
-    """Run the whole recipe into `out_dir` and return (and write) the stats. Re-running with the same
-    recipe reuses the trained tokenizer and every finished shard."""
+    """Run every stage of the recipe into `out_dir` (skipping tasks finished by an earlier run of the same
+    recipe) and return the stats. A changed recipe (apart from its executor) starts over: its work
+    directory is cleared, since finished tasks of another recipe are not this one's."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    key_file = work / "recipe.sha256"
+    key = _recipe_key(recipe)
+    if key_file.is_file() and key_file.read_text() != key:
+        if progress:
+            print(f"data prepare: the recipe changed since {out} was prepared; starting over", file=sys.stderr)
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    atomic_write_text(key_file, key)
+    for src in recipe.sources:   # fail fast, before any task starts, on a path that matches nothing
+        if src.kind != "stdlib":
+            from phitrain.data.sources import list_files
+
+            list_files(src)
+    stages = build_stages(recipe, out)
     t0 = time.time()
-    timings: dict[str, float] = {}
-    drops = Drops()
-    per: dict[str, Counter] = defaultdict(Counter)
-    reports: dict[str, object] = {}
+    skipped = run_stages(recipe, stages, out, progress)
+    if recipe.executor.kind == "slurm":
+        print(f"submitted {len(stages)} Slurm stages; `phitrain data stats {out}` once the `report` job has run")
+        return {}
+    stats = json.loads((out / STATS_FILE).read_text())
+    stats["tasks"] = skipped
+    stats["seconds"] = {"total": round(time.time() - t0, 2)}
+    atomic_write_text(out / STATS_FILE, json.dumps(stats, indent=1))
+    return stats
 
-    with _Progress(progress) as bars:
-        # 1. read + clean ---------------------------------------------------------------------------
-        source_of: list[str] = []
-        ids: list[str] = []
-        texts: list[str] = []
-        for src in recipe.sources:
-            with bars.stage(f"read {src.name}", None) as tick:
-                for doc_id, payload in iter_source(src, drops, recipe.clean.invalid_utf8):
-                    per[src.name]["read"] += 1
-                    per[src.name]["read_bytes"] += len(payload)
-                    text, reason = clean_document(payload, recipe.clean)
-                    tick()
-                    if text is None:
-                        drops.add(src.name, reason, doc_id, src.strict)
-                        continue
-                    if reason:
-                        drops.add(src.name, reason, doc_id, src.strict)
-                        per[src.name]["utf8_replaced"] += 1
-                    per[src.name]["cleaned"] += 1
-                    source_of.append(src.name)
-                    ids.append(doc_id)
-                    texts.append(text)
-        for name, counts in drops.counts.items():
-            per[name]["dropped_clean"] = sum(v for r, v in counts.items() if r != "utf8_replaced")
-        if not texts:
-            raise PhitrainError("prepare: no documents left after reading and cleaning; see the drop counts "
-                                f"{ {s: dict(c) for s, c in drops.counts.items()} }")
-        timings["read_clean"] = time.time() - t0
 
-        # 2. dedup ----------------------------------------------------------------------------------
+def run_stages(recipe: DataRecipe, stages, out: Path, progress: bool) -> dict[str, dict]:
+    """Run (or, on Slurm, submit) every stage; return per stage how many tasks ran and were skipped."""
+    executors = make_executors(recipe.executor, stages, out / "work" / "logs")
+    counts: dict[str, dict] = {}
+    for (name, _, tasks), ex in zip(stages, executors):
+        todo = len(ex.get_incomplete_ranks())
         t = time.time()
-        with bars.stage("dedup", len(texts)) as tick:
-            dd = deduplicate(ids, texts, recipe.dedup, progress=tick)
-        where = dict(zip(ids, source_of))
-        for c in dd.exact_clusters:
-            for d in c[1:]:
-                per[where[d]]["exact_dupes"] += 1
-        for c in dd.near_clusters:
-            for d in c[1:]:
-                per[where[d]]["near_dupes"] += 1
-        reports["dedup"] = {"exact_clusters": dd.exact_clusters, "near_clusters": dd.near_clusters,
-                            "threshold": recipe.dedup.threshold}
-        alive = [i for i, k in enumerate(dd.keep) if k]
-        timings["dedup"] = time.time() - t
+        ex.run()
+        counts[name] = {"tasks": tasks, "ran": todo, "skipped": tasks - todo}
+        if progress and recipe.executor.kind != "slurm":
+            print(f"  {name:<14} {tasks:>4} tasks ({tasks - todo} already done)  {time.time() - t:6.1f} s",
+                  file=sys.stderr, flush=True)
+    return counts
 
-        # 3. quality --------------------------------------------------------------------------------
-        t = time.time()
-        qcfg = recipe.quality
-        if qcfg.enabled:
-            scope = set(qcfg.sources or [s.name for s in recipe.sources])
-            cand = [i for i in alive if source_of[i] in scope]
-            with bars.stage("quality", len(cand)) as tick:
-                q = quality_filter([texts[i] for i in cand], qcfg, recipe.seed, progress=tick)
-            rejected = {i for i, k in zip(cand, q.keep) if not k}
-            for i in cand:
-                per[source_of[i]]["quality_scored"] += 1
-                per[source_of[i]]["quality_dropped" if i in rejected else "quality_kept"] += 1
-            alive = [i for i in alive if i not in rejected]
-            reports["quality"] = q.summary()
-        timings["quality"] = time.time() - t
 
-        # 4. decontaminate (+ 5. extract exercises from what survives, sharing one parse per doc) -----
-        t = time.time()
-        deco = Decontaminator.from_config(recipe.decontam) if recipe.decontam.enabled else None
-        ex_scope = set(recipe.exercises.sources or [s.name for s in recipe.sources])
-        matches, exercises, kept = [], [], []
-        with bars.stage("decontaminate", len(alive)) as tick:
-            for i in alive:
-                tick()
-                tree = parse_python(texts[i])
-                found = deco.check(ids[i], texts[i], tree) if deco else []
-                if found:
-                    matches.extend(m.as_dict() for m in found)
-                    per[source_of[i]]["contaminated"] += 1
-                    continue
-                kept.append(i)
-                if recipe.exercises.enabled and source_of[i] in ex_scope:
-                    exercises.extend(extract_exercises(ids[i], texts[i], recipe.exercises, tree))
-        ex_matches = []
-        if deco:
-            clean_ex = []
-            for ex in exercises:
-                found = deco.check(f"exercise {ex['source']}", ex["prompt"] + ex["completion"])
-                ex_matches.extend(m.as_dict() for m in found)
-                if not found:
-                    clean_ex.append(ex)
-            exercises = clean_ex
-        reports["decontamination"] = {
-            "benchmarks": [b.name for b in recipe.decontam.benchmarks] if deco else [],
-            "ngram": recipe.decontam.ngram, "ast_threshold": recipe.decontam.ast_threshold,
-            "benchmark_functions_too_short_for_ast": deco.too_short if deco else [],
-            "documents": matches, "exercises": ex_matches}
-        timings["decontam_exercises"] = time.time() - t
+# ---- the report stage --------------------------------------------------------------------------------
 
-        # 6. write cleaned documents per source and split --------------------------------------------
-        by_source: dict[str, list[tuple[str, str]]] = defaultdict(list)
-        for i in kept:
-            by_source[source_of[i]].append((ids[i], texts[i]))
-        del texts
-        names = [s.name for s in recipe.sources]
-        if recipe.exercises.enabled:
-            ex_name = recipe.exercises.name
-            names.append(ex_name)
-            by_source[ex_name] = [(e["source"], e["prompt"] + e["completion"]) for e in exercises]
-            per[ex_name]["extracted"] = len(exercises) + len({m["doc_id"] for m in ex_matches})
-            per[ex_name]["contaminated"] = len({m["doc_id"] for m in ex_matches})
-            _write_jsonl(out / "exercises.jsonl", exercises)
-        work = out / "work"
-        split_files: dict[tuple[str, str], Path] = {}
-        for name in names:
-            for split, docs in _split_docs(by_source.get(name, []), recipe.shards.val_fraction).items():
-                path = work / f"{name}.{split}.jsonl"
-                _write_jsonl(path, ({"id": d, "text": x} for d, x in docs))
-                split_files[(name, split)] = path
-        by_source.clear()
+def write_report(recipe: DataRecipe, out: Path) -> dict:
+    from phitrain.tokenizer import load_tokenizer
 
-        # 7. tokenizer ------------------------------------------------------------------------------
-        t = time.time()
-        train_files = [split_files[(n, "train")] for n in names]
-        with bars.stage("tokenizer", 1) as tick:
-            tokenizer, reused = _load_or_train_tokenizer(recipe, out, train_files)
-            tick()
-        timings["tokenizer"] = time.time() - t
+    work = out / "work"
+    counts: Counter = Counter()
+    for stage_stats in sorted((work / "logs").glob("*/stats")):
+        counts.update(merge_task_stats(stage_stats))
+    per: dict[str, dict] = defaultdict(dict)
+    drops: dict[str, dict] = defaultdict(dict)
+    for key, value in counts.items():
+        source, label = key.split("|", 1)
+        if label.startswith("drop:"):
+            drops[source][label[5:]] = value
+        else:
+            per[source][label] = value
+    for source, d in drops.items():
+        for reason in ("exact_dupe", "near_dupe", "contaminated", "quality"):
+            if reason in d:
+                per[source][{"exact_dupe": "exact_dupes", "near_dupe": "near_dupes", "contaminated": "contaminated",
+                             "quality": "quality_dropped"}[reason]] = d.pop(reason)
+    for source, p in per.items():
+        if "utf8_replaced" in p:
+            drops[source]["utf8_replaced"] = p.pop("utf8_replaced")
 
-        # 8. shards ---------------------------------------------------------------------------------
-        t = time.time()
-        jobs = [(path, out / name / split) for (name, split), path in split_files.items()]
-        workers = recipe.shards.workers or os.cpu_count() or 1
-        total_bytes = sum(p.stat().st_size for p, _ in jobs)
-        with bars.stage("tokenize → shards", total_bytes) as tick:
-            if workers > 1:
-                ctx = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
-                                         initargs=(tokenizer,)) as pool:
-                    results = tokenize_splits(jobs, tokenizer, recipe.shards.shard_bytes, pool, tick)
-            else:
-                results = tokenize_splits(jobs, tokenizer, recipe.shards.shard_bytes, None, tick)
-        timings["shards"] = time.time() - t
-        dtype = token_dtype(tokenizer.vocab_size)
-        shards_skipped = 0
-        for name in names:
-            splits = {split: results[out / name / split] for split in ("train", "val")}
-            for split, r in splits.items():
-                per[name][f"{split}_docs"] = r["docs"]
-                per[name][f"{split}_tokens"] = r["tokens"]
-                shards_skipped += r.pop("skipped")
-            manifest = {"source": name, "dtype": dtype.name, "eos_id": tokenizer.eos_id,
-                        "tokenizer": {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint,
-                                      "vocab_size": tokenizer.vocab_size, "dir": f"../{TOKENIZER_DIR}"},
-                        "splits": splits}
-            atomic_write_text(out / name / MANIFEST, json.dumps(manifest, indent=1))
+    tokenizer = load_tokenizer(out / TOKENIZER_DIR)
+    dtype = token_dtype(tokenizer.vocab_size)
+    names = source_names(recipe)
+    for name in names:
+        splits = {}
+        for split in ("train", "val"):
+            records = [json.loads(p.read_text()) for p in sorted((out / name / split).glob("shard-*.json"))]
+            splits[split] = {"docs": sum(r["docs"] for r in records), "tokens": sum(r["tokens"] for r in records),
+                             "shards": records}
+            per[name][f"{split}_docs"] = splits[split]["docs"]
+            per[name][f"{split}_tokens"] = splits[split]["tokens"]
+        manifest = {"source": name, "dtype": dtype.name, "eos_id": tokenizer.eos_id,
+                    "tokenizer": {"kind": tokenizer.kind, "fingerprint": tokenizer.fingerprint,
+                                  "vocab_size": tokenizer.vocab_size, "dir": f"../{TOKENIZER_DIR}"},
+                    "splits": splits}
+        atomic_write_text(out / name / MANIFEST, json.dumps(manifest, indent=1))
 
-    timings["total"] = time.time() - t0
-    reports_dir = out / "reports"
-    for key in ("dedup", "decontamination", "quality"):
-        if key in reports:
-            atomic_write_text(reports_dir / f"{key}.json", json.dumps(reports[key], indent=1))
-    atomic_write_text(reports_dir / "drops.json", json.dumps(drops.as_dict(), indent=1))
+    exercises = []
+    if recipe.exercises.enabled:
+        for path in sorted((work / "docs" / recipe.exercises.name).glob("*/*.jsonl"),
+                           key=lambda p: (p.name, p.parent.name)):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                rec = json.loads(line)
+                exercises.append({"prompt": rec["metadata"]["prompt"], "completion": rec["metadata"]["completion"],
+                                  "source": rec["id"]})
+        atomic_write_text(out / "exercises.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in exercises))
+
+    reports = out / "reports"
+    quality = None
+    if recipe.quality.enabled and (work / "quality.pkl").is_file():
+        model = QualityModel.load(work / "quality.pkl")
+        scored = sum(per[n].get("quality_scored", 0) for n in names)
+        kept = sum(per[n].get("quality_kept", 0) for n in names)
+        quality = {"documents": scored, "kept": kept, "kept_fraction": kept / scored if scored else 0.0, **model.summary}
+        atomic_write_text(reports / "quality.json", json.dumps(quality, indent=1))
+    dd = cluster_report(work / "minhash" / "remove", work / "minhash" / "sigs")
+    atomic_write_text(reports / "dedup.json", json.dumps({**dd, "threshold": recipe.dedup.threshold}, indent=1))
+    matches = [m for p in sorted((work / "matches").glob("*.json")) for m in json.loads(p.read_text())]
+    doc_matches = [m for m in matches if m["kind"] == "document"]
+    ex_matches = [m for m in matches if m["kind"] == "exercise"]
+    from phitrain.data.decontam import Decontaminator
+
+    too_short = Decontaminator.from_config(recipe.decontam).too_short if recipe.decontam.enabled else []
+    atomic_write_text(reports / "decontamination.json", json.dumps({
+        "benchmarks": [b.name for b in recipe.decontam.benchmarks] if recipe.decontam.enabled else [],
+        "ngram": recipe.decontam.ngram, "ast_threshold": recipe.decontam.ast_threshold,
+        "benchmark_functions_too_short_for_ast": too_short, "documents": doc_matches, "exercises": ex_matches},
+        indent=1))
+    examples = drop_examples(work / "dropped") if (work / "dropped").is_dir() else {}
+    atomic_write_text(reports / "drops.json", json.dumps(examples, indent=1))
+
+    for name in names:
+        per[name]["dropped_clean"] = sum(v for r, v in drops[name].items() if r != "utf8_replaced")
     stats = {
-        "sources": {n: {**dict(per[n]), "drops": dict(drops.counts.get(n, {}))} for n in names},
-        "quality": reports.get("quality"),
-        "dedup": {"exact_clusters": len(dd.exact_clusters), "near_clusters": len(dd.near_clusters),
-                  "exact_dropped": dd.exact_dropped, "near_dropped": dd.near_dropped},
-        "decontamination": {"document_matches": len(matches), "exercise_matches": len(ex_matches),
-                            "task_ids": sorted({m["task_id"] for m in matches + ex_matches})},
+        "sources": {n: {**per[n], "drops": dict(sorted(drops.get(n, {}).items()))} for n in names},
+        "quality": quality,
+        "dedup": {"exact_clusters": len(dd["exact_clusters"]), "near_clusters": len(dd["near_clusters"]),
+                  "exact_dropped": sum(len(c) - 1 for c in dd["exact_clusters"]),
+                  "near_dropped": sum(len(c) - 1 for c in dd["near_clusters"])},
+        "decontamination": {"document_matches": len(doc_matches), "exercise_matches": len(ex_matches),
+                            "task_ids": sorted({m["task_id"] for m in matches})},
         "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
-                      "fingerprint": tokenizer.fingerprint, "reused": reused, "dtype": dtype.name},
-        "shards": {"workers": workers, "skipped": shards_skipped},
-        "seconds": {k: round(v, 2) for k, v in timings.items()},
+                      "fingerprint": tokenizer.fingerprint, "dtype": dtype.name},
+        "executor": recipe.executor.model_dump(),
     }
     atomic_write_text(out / STATS_FILE, json.dumps(stats, indent=1))
+    if not any(per[n].get("train_docs", 0) + per[n].get("val_docs", 0) for n in names):
+        raise PhitrainError(f"prepare: no documents left after filtering; see the drop counts in {out / STATS_FILE}")
     return stats

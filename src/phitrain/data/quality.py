@@ -20,10 +20,14 @@ import re
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Callable
+import hashlib
+import heapq
+from pathlib import Path
+
+from datatrove.pipeline.base import PipelineStep
 
 from phitrain.config import QualityConfig
+from phitrain.data.accounting import Accounting
 from phitrain.data.decontam import functions, parse_python
 from phitrain.errors import PhitrainError
 
@@ -142,75 +146,149 @@ def embedding_features(texts: list[str], checkpoint: str, max_tokens: int = 512)
     return np.stack(rows)
 
 
-@dataclass
-class QualityResult:
-    keep: list[bool]
-    scores: list[float]
-    annotated: int = 0
-    unlabelled: int = 0
-    positive: int = 0
-    accuracy: float | None = None        # held-out accuracy of the classifier vs the annotator
-    note: str = ""
-    feature: str = "ngram"
-    kept: int = field(init=False, default=0)
+class QualityModel:
+    """An annotated sample and the random forest fitted to it (phi-1 §2.1), saved with the data so that
+    every scoring task uses the same classifier. `note` explains a degenerate fit (one class only):
+    then every document is kept."""
 
-    def __post_init__(self) -> None:
-        self.kept = sum(self.keep)
+    def __init__(self, cfg: QualityConfig, seed: int = 0):
+        self.cfg = cfg
+        self.seed = seed
+        self.clf = None
+        self.summary: dict = {}
 
-    def summary(self) -> dict:
-        n = len(self.keep)
-        return {"documents": n, "kept": self.kept, "kept_fraction": self.kept / n if n else 0.0,
-                "annotated": self.annotated, "unlabelled": self.unlabelled, "positive_labels": self.positive,
-                "heldout_accuracy": self.accuracy, "features": self.feature, "note": self.note}
+    def features(self, texts: list[str]):
+        if self.cfg.classifier == "embedding":
+            return embedding_features(texts, self.cfg.checkpoint or "")
+        return hashed_features(texts, self.cfg.n_features)
+
+    def fit(self, texts: list[str]) -> "QualityModel":
+        """Annotate `texts` (the sample), fit the forest on (1 - test_fraction) of the labelled ones and
+        measure its accuracy against the annotator on the rest."""
+        from sklearn.ensemble import RandomForestClassifier
+        from sklearn.model_selection import train_test_split
+
+        cfg = self.cfg
+        labels = LLMAnnotator(cfg).label_many(texts) if cfg.annotator == "llm" else [heuristic_label(t) for t in texts]
+        pairs = [(t, y) for t, y in zip(texts, labels) if y is not None]
+        positive = sum(y for _, y in pairs)
+        self.summary = {"annotated": len(pairs), "unlabelled": len(texts) - len(pairs), "positive_labels": positive,
+                        "heldout_accuracy": None, "features": cfg.classifier, "note": ""}
+        if positive == 0 or positive == len(pairs) or len(pairs) < 10:
+            # One class only: a classifier cannot learn a boundary; keep everything and say why.
+            self.summary["note"] = f"annotator gave {positive} positive of {len(pairs)} labels: nothing filtered"
+            return self
+        x = [t for t, _ in pairs]
+        y = [lab for _, lab in pairs]
+        stratify = y if min(positive, len(y) - positive) >= 2 else None
+        tr_x, te_x, tr_y, te_y = train_test_split(x, y, test_size=cfg.test_fraction, random_state=self.seed,
+                                                  stratify=stratify)
+        self.clf = RandomForestClassifier(n_estimators=cfg.n_estimators, random_state=self.seed, n_jobs=1)
+        self.clf.fit(self.features(tr_x), tr_y)
+        self.summary["heldout_accuracy"] = float(self.clf.score(self.features(te_x), te_y))
+        return self
+
+    def score(self, texts: list[str]) -> list[float]:
+        """P(educational) per text (1.0 for every text when the fit was degenerate)."""
+        if self.clf is None:
+            return [1.0] * len(texts)
+        positive_col = list(self.clf.classes_).index(1)
+        return [float(p) for p in self.clf.predict_proba(self.features(texts))[:, positive_col]]
+
+    def save(self, path: Path) -> None:
+        import pickle
+
+        tmp = path.with_name(f".{path.name}.tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(pickle.dumps({"cfg": self.cfg.model_dump(), "seed": self.seed, "clf": self.clf,
+                                      "summary": self.summary}))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "QualityModel":
+        import pickle
+
+        state = pickle.loads(path.read_bytes())
+        model = cls(QualityConfig(**state["cfg"]), state["seed"])
+        model.clf, model.summary = state["clf"], state["summary"]
+        return model
 
 
-def quality_filter(texts: list[str], cfg: QualityConfig, seed: int = 0,
-                   progress: Callable[[int], None] | None = None) -> QualityResult:
-    """Annotate a random sample of `sample_size` documents, fit the forest on (1 - test_fraction) of it,
-    report accuracy on the rest, then score every document and keep those with P(educational) ≥
-    threshold."""
-    from sklearn.ensemble import RandomForestClassifier
-    from sklearn.model_selection import train_test_split
+def sample_key(text: str, seed: int) -> int:
+    """A document's place in the annotation sample's order: the `sample_size` documents with the
+    smallest keys are annotated. Depends only on content and seed, so the sample is the same whatever
+    the task count, and a bounded heap finds it in one streaming pass."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=8,
+                                          salt=seed.to_bytes(8, "little")).digest(), "big")
 
-    n = len(texts)
-    if n == 0:
-        return QualityResult(keep=[], scores=[])
-    rng = random.Random(seed)
-    sample = sorted(rng.sample(range(n), min(cfg.sample_size, n)))
-    if cfg.annotator == "llm":
-        labels = LLMAnnotator(cfg).label_many([texts[i] for i in sample])
-    else:
-        labels = [heuristic_label(texts[i]) for i in sample]
-    pairs = [(i, y) for i, y in zip(sample, labels) if y is not None]
-    unlabelled = len(sample) - len(pairs)
-    positive = sum(y for _, y in pairs)
-    base = dict(annotated=len(pairs), unlabelled=unlabelled, positive=positive, feature=cfg.classifier)
-    if positive == 0 or positive == len(pairs) or len(pairs) < 10:
-        # One class only: a classifier cannot learn a boundary; keep everything and say why.
-        return QualityResult(keep=[True] * n, scores=[1.0] * n,
-                             note=f"annotator gave {positive} positive of {len(pairs)} labels: nothing filtered",
-                             **base)
 
-    def features(idx: list[int]):
-        chunk = [texts[i] for i in idx]
-        if cfg.classifier == "embedding":
-            return embedding_features(chunk, cfg.checkpoint or "")
-        return hashed_features(chunk, cfg.n_features)
+class QualityFit(PipelineStep):
+    """Stage `quality-fit` (one task): stream the deduplicated documents of the sources in scope, keep
+    the `sample_size` with the smallest `sample_key`, annotate them and fit the classifier."""
 
-    idx = [i for i, _ in pairs]
-    y = [lab for _, lab in pairs]
-    stratify = y if min(positive, len(y) - positive) >= 2 else None
-    tr_i, te_i, tr_y, te_y = train_test_split(idx, y, test_size=cfg.test_fraction, random_state=seed,
-                                              stratify=stratify)
-    clf = RandomForestClassifier(n_estimators=cfg.n_estimators, random_state=seed, n_jobs=-1)
-    clf.fit(features(tr_i), tr_y)
-    accuracy = float(clf.score(features(te_i), te_y))
-    positive_col = list(clf.classes_).index(1)
-    scores: list[float] = []
-    step = 2000
-    for start in range(0, n, step):
-        block = list(range(start, min(n, start + step)))
-        scores.extend(float(p) for p in clf.predict_proba(features(block))[:, positive_col])
-        if progress:
-            progress(len(block))
-    return QualityResult(keep=[s >= cfg.threshold for s in scores], scores=scores, accuracy=accuracy, **base)
+    name = "🎓 quality fit"
+    type = "phitrain"
+
+    def __init__(self, cfg: QualityConfig, seed: int, scope: list[str], docs_dir: str, model_path: str):
+        super().__init__()
+        self.cfg, self.seed, self.scope = cfg, seed, set(scope)
+        self.docs_dir, self.model_path = docs_dir, model_path
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        heap: list[tuple[int, str]] = []   # max-heap of the smallest keys, as (-key, text)
+        for path in sorted(Path(self.docs_dir).glob("*.jsonl")):
+            with path.open(encoding="utf-8") as f:
+                for line in f:
+                    rec = json.loads(line)
+                    if rec["metadata"]["source"] not in self.scope:
+                        continue
+                    item = (-sample_key(rec["text"], self.seed), rec["text"])
+                    if len(heap) < self.cfg.sample_size:
+                        heapq.heappush(heap, item)
+                    elif item[0] > heap[0][0]:
+                        heapq.heapreplace(heap, item)
+        sample = [t for _, t in sorted(heap, reverse=True)]
+        QualityModel(self.cfg, self.seed).fit(sample).save(Path(self.model_path))
+        return
+        yield  # a generator step that yields nothing
+
+
+class QualityFilter(Accounting, PipelineStep):
+    """Score every document of the sources in scope with the fitted classifier and drop those below
+    `threshold` (reason `quality`)."""
+
+    name = "🎓 quality filter"
+    type = "phitrain"
+    log_name = "quality"
+
+    def __init__(self, cfg: QualityConfig, scope: list[str], model_path: str, drop_dir: str, batch: int = 256):
+        super().__init__()
+        self.cfg, self.scope, self.model_path, self.drop_dir, self.batch = cfg, set(scope), model_path, drop_dir, batch
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        self.begin(rank)
+        model = QualityModel.load(Path(self.model_path))
+        pending: list = []
+
+        def flush():
+            for doc, score in zip(pending, model.score([d.text for d in pending])):
+                source = doc.metadata["source"]
+                self.count(source, "quality_scored")
+                doc.metadata["quality_score"] = round(score, 4)
+                if score >= self.cfg.threshold:
+                    self.count(source, "quality_kept")
+                    yield doc
+                else:
+                    self.drop(source, "quality", doc.id)
+            pending.clear()
+
+        for doc in data:
+            if doc.metadata["source"] not in self.scope:
+                yield from flush()
+                yield doc
+                continue
+            pending.append(doc)
+            if len(pending) >= self.batch:
+                yield from flush()
+        yield from flush()
+        self.end()

@@ -1,15 +1,19 @@
-"""Token shards: documents tokenised in parallel into memory-mapped arrays, plus the reader over them.
+"""Token shards: documents tokenised into memory-mapped arrays, plus the reader over them (which also
+reads DataTrove's own tokenized output).
 
 Layout of one prepared source (`DATA_DIR/<source>/`):
     manifest.json                 source, tokenizer fingerprint, dtype, per-split doc/token counts
-    train/shard-00000.bin         tokens (uint16 when the vocabulary fits, else uint32), documents each
-                                  followed by <|endoftext|> (phi-1 §2.3: files joined by the EOS token)
-    train/shard-00000.idx.npy     int64 end offset of each document within the shard
-    train/shard-00000.json        the shard's record, written last: its presence marks the shard finished
+    train/shard-NNNNN.bin         task NNNNN's tokens (uint16 when the vocabulary fits, else uint32),
+                                  documents each followed by <|endoftext|> (phi-1 §2.3: files joined by EOS)
+    train/shard-NNNNN.idx.npy     int64 end offset of each document within the shard
+    train/shard-NNNNN.json        the shard's record, written last: its presence marks the shard finished
     val/...                       the held-out split, same layout
-Each shard is the tokenisation of one byte range of the cleaned-documents JSONL. A shard whose record
-names the same input hash and tokenizer fingerprint is skipped on a re-run, so an interrupted prepare
-resumes where it stopped and an unchanged corpus is not tokenised twice.
+A shard whose record names the same input hash and tokenizer fingerprint is skipped on a re-run.
+
+DataTrove interop: a directory of DataTrove `DocumentTokenizer` output (`NNNNN.ds` tokens, `.ds.index`
+uint64 document ends, `.ds.metadata` with the tokenizer name and token size) is a prepared source too:
+`TokenStream` reads it directly (uint16 or uint32 by its metadata), so existing DataTrove data trains
+without conversion.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import Executor
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from datatrove.pipeline.base import PipelineStep
 
 from phitrain.config import atomic_write_text
 from phitrain.errors import PhitrainError
@@ -30,35 +35,11 @@ from phitrain.files import read_json
 MANIFEST = "manifest.json"
 _ENCODE_BATCH = 256  # documents per encode_batch call: bounds a worker's memory to a few MB of ids
 
-_worker_tokenizer = None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 halves the disk and page-cache footprint whenever every id fits (vocab ≤ 65,536)."""
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
-
-
-def plan_chunks(path: Path, shard_bytes: int) -> list[tuple[int, int]]:
-    """Byte ranges of about `shard_bytes` that end on line boundaries (one JSONL document per line),
-    found by seeking, so the parent never holds the corpus in memory."""
-    size = path.stat().st_size
-    chunks, pos = [], 0
-    with path.open("rb") as f:
-        while pos < size:
-            f.seek(min(pos + shard_bytes, size) - 1)
-            f.readline()
-            end = min(f.tell(), size)
-            chunks.append((pos, end))
-            pos = end
-    return chunks
-
-
-def init_worker(tokenizer) -> None:
-    """Pool initializer: one tokenizer per process; its own Rust threads are turned off because the pool
-    already keeps every core busy (two levels of parallelism would only contend)."""
-    global _worker_tokenizer
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_tokenizer = tokenizer
 
 
 def _atomic_save(path: Path, write: Callable[[Path], None]) -> None:
@@ -69,13 +50,6 @@ def _atomic_save(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _write_array(path: Path, arr: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as f:
-            arr.tofile(f)
-    _atomic_save(path, write)
 
 
 def _write_npy(path: Path, arr: np.ndarray) -> None:
@@ -99,77 +73,78 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def tokenize_chunk(docs_path: str, start: int, end: int, out_dir: str, index: int, tokenizer=None) -> dict:
-    """Tokenise the documents in bytes [start, end) of `docs_path` into shard `index` of `out_dir` and
-    return the shard's record. Runs in a worker process (or inline when `tokenizer` is given)."""
-    tok = tokenizer or _worker_tokenizer
-    out = Path(out_dir)
+def write_shard(docs_path: Path, out_dir: Path, index: int, tok) -> dict:
+    """Tokenise the documents of one JSONL file (one task's share of a source and split) into shard
+    `index` of `out_dir` and return the shard's record. Streams: documents are read, encoded and appended
+    `_ENCODE_BATCH` at a time, so memory does not grow with the file. A shard whose record names the same
+    input hash and tokenizer fingerprint is kept as it is."""
     name = shard_name(index)
-    with open(docs_path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
-    input_sha = hashlib.sha256(data).hexdigest()
-    record_path = out / f"{name}.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with docs_path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    input_sha = digest.hexdigest()
+    record_path = out_dir / f"{name}.json"
     if record_path.is_file():
         try:
             old = json.loads(record_path.read_text())
             if old.get("input_sha256") == input_sha and old.get("tokenizer") == tok.fingerprint \
-                    and (out / old["file"]).is_file() and (out / old["index"]).is_file():
+                    and (out_dir / old["file"]).is_file() and (out_dir / old["index"]).is_file():
                 return {**old, "skipped": True}
         except (json.JSONDecodeError, KeyError):
             pass
-    texts = [json.loads(line)["text"] for line in data.splitlines() if line.strip()]
-    del data
     dtype = token_dtype(tok.vocab_size)
-    parts: list[np.ndarray] = []
-    ends = np.empty(len(texts), dtype=np.int64)
+    ends: list[int] = []
     total = 0
-    for b in range(0, len(texts), _ENCODE_BATCH):
-        for j, ids in enumerate(_encode(tok, texts[b:b + _ENCODE_BATCH])):
-            arr = np.empty(len(ids) + 1, dtype=dtype)
-            arr[:-1] = ids
-            arr[-1] = tok.eos_id
-            parts.append(arr)
-            total += len(arr)
-            ends[b + j] = total
-    tokens = np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
-    _write_array(out / f"{name}.bin", tokens)
-    _write_npy(out / f"{name}.idx.npy", ends)
-    record = {"file": f"{name}.bin", "index": f"{name}.idx.npy", "docs": len(texts), "tokens": int(total),
-              "bytes": end - start, "input_sha256": input_sha, "tokenizer": tok.fingerprint}
+
+    def write(tmp: Path) -> None:
+        nonlocal total
+        with docs_path.open(encoding="utf-8") as src, tmp.open("wb") as out:
+            while True:
+                texts = [json.loads(line)["text"] for _, line in zip(range(_ENCODE_BATCH), src)]
+                if not texts:
+                    break
+                for ids in _encode(tok, texts):
+                    arr = np.empty(len(ids) + 1, dtype=dtype)
+                    arr[:-1] = ids
+                    arr[-1] = tok.eos_id
+                    arr.tofile(out)
+                    total += len(arr)
+                    ends.append(total)
+
+    _atomic_save(out_dir / f"{name}.bin", write)
+    _write_npy(out_dir / f"{name}.idx.npy", np.asarray(ends, dtype=np.int64))
+    record = {"file": f"{name}.bin", "index": f"{name}.idx.npy", "docs": len(ends), "tokens": int(total),
+              "bytes": docs_path.stat().st_size, "input_sha256": input_sha, "tokenizer": tok.fingerprint}
     atomic_write_text(record_path, json.dumps(record, indent=1))
     return {**record, "skipped": False}
 
 
-def tokenize_splits(jobs: list[tuple[Path, Path]], tokenizer, shard_bytes: int, pool: Executor | None,
-                    progress: Callable[[int], None] | None = None) -> dict[Path, dict]:
-    """Tokenise each `(docs_jsonl, out_dir)` job into shards, all shards of all jobs through one pool so
-    small sources still keep every worker busy. Returns, per out_dir, {docs, tokens, shards, skipped}."""
-    tasks = []
-    for docs_path, out_dir in jobs:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        chunks = plan_chunks(docs_path, shard_bytes) if docs_path.stat().st_size else []
-        # shards left over from an earlier, larger run of this split would be read as data: remove them
-        for stale in out_dir.glob("shard-*"):
-            stem = stale.name.split(".")[0]
-            if int(stem.split("-")[1]) >= len(chunks):
-                stale.unlink()
-        for i, (s, e) in enumerate(chunks):
-            tasks.append((out_dir, (str(docs_path), s, e, str(out_dir), i)))
-    results: dict[Path, dict] = {out: {"docs": 0, "tokens": 0, "shards": [], "skipped": 0} for _, out in jobs}
-    if pool is None:
-        records = (tokenize_chunk(*args, tokenizer=tokenizer) for _, args in tasks)
-    else:
-        records = pool.map(tokenize_chunk, *zip(*(args for _, args in tasks))) if tasks else iter(())
-    for (out_dir, args), rec in zip(tasks, records):
-        r = results[out_dir]
-        r["docs"] += rec["docs"]
-        r["tokens"] += rec["tokens"]
-        r["skipped"] += rec.pop("skipped")
-        r["shards"].append(rec)
-        if progress:
-            progress(args[2] - args[1])
-    return results
+class ShardWriter(PipelineStep):
+    """Stage `shards`: task r tokenises its own document files (`work/docs/<source>/<split>/r.jsonl`) into
+    `<source>/<split>/shard-r.*`. Tasks are the unit of parallelism, so the shards of a given input and
+    task count are the same bytes however many workers run them."""
+
+    name = "🔢 token shards"
+    type = "phitrain"
+
+    def __init__(self, docs_dir: str, out_dir: str, tokenizer_dir: str):
+        super().__init__()
+        self.docs_dir, self.out_dir, self.tokenizer_dir = Path(docs_dir), Path(out_dir), tokenizer_dir
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        from phitrain.tokenizer import load_tokenizer
+
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"   # tasks already keep every core busy
+        tok = load_tokenizer(self.tokenizer_dir)
+        for path in sorted(self.docs_dir.glob(f"*/*/{rank:05d}.jsonl")):
+            split, source = path.parent.name, path.parent.parent.name
+            rec = write_shard(path, self.out_dir / source / split, rank, tok)
+            self.stat_update(f"{source}|{split}_shards", f"{source}|shards_skipped" if rec["skipped"] else
+                             f"{source}|shards_written")
+        return
+        yield
 
 
 class TokenStream:
@@ -187,11 +162,12 @@ class TokenStream:
         if info is None:
             raise PhitrainError(f"{self.dir / MANIFEST}: no split {split!r} (have {sorted(self.manifest['splits'])})")
         self.dtype = np.dtype(self.manifest["dtype"])
+        base = self.dir if self.manifest.get("layout") == "datatrove" else self.dir / split
         self.shards: list[np.ndarray] = []
         seg_shard, seg_start, seg_len = [], [], []
         self.docs = 0
         for k, rec in enumerate(info["shards"]):
-            path = self.dir / split / rec["file"]
+            path = base / rec["file"]
             if not path.is_file():
                 raise PhitrainError(f"{path}: shard listed in the manifest is missing; re-run `phitrain data prepare`")
             n = path.stat().st_size // self.dtype.itemsize
@@ -203,7 +179,7 @@ class TokenStream:
                     seg_shard.append(k), seg_start.append(0), seg_len.append(n)
                 self.docs += rec["docs"]
                 continue
-            ends = np.load(self.dir / split / rec["index"])
+            ends = _load_ends(base / rec["index"])
             starts = np.concatenate([[0], ends[:-1]])
             keep = (ends - starts - 1) >= min_doc_tokens
             self.docs += int(keep.sum())
@@ -247,7 +223,49 @@ def _runs(starts: np.ndarray, ends: np.ndarray):
     yield run_s, run_e
 
 
+def _load_ends(path: Path) -> np.ndarray:
+    """Document end offsets: phitrain's `.idx.npy`, or DataTrove's raw little-endian uint64 `.ds.index`."""
+    if path.suffix == ".npy":
+        return np.load(path)
+    return np.fromfile(path, dtype="<u8").astype(np.int64)
+
+
+def datatrove_manifest(source_dir: Path) -> dict | None:
+    """A manifest for a folder of DataTrove `DocumentTokenizer` output (all of it is the `train` split),
+    or None when the folder holds no `.ds` files. The token size (2 or 4 bytes) comes from each file's
+    size over its token count in `.ds.metadata` (the tokenizer name on line 1, the token count on 2)."""
+    files = sorted(source_dir.glob("*.ds"))
+    if not files:
+        return None
+    shards, names, dtypes = [], set(), set()
+    for f in files:
+        meta_path = f.with_name(f.name + ".metadata")
+        index = f.with_name(f.name + ".index")
+        if not meta_path.is_file() or not index.is_file():
+            raise PhitrainError(f"{f}: DataTrove tokens without their .ds.index and .ds.metadata files")
+        lines = meta_path.read_text().splitlines()
+        try:
+            name, count = lines[0], int(lines[1])
+        except (IndexError, ValueError):
+            raise PhitrainError(f"{meta_path}: expected the tokenizer name and the token count on two lines") from None
+        size = f.stat().st_size // max(count, 1)
+        if count and size not in (2, 4):
+            raise PhitrainError(f"{f}: {f.stat().st_size} bytes for {count} tokens is neither uint16 nor uint32")
+        names.add(name)
+        dtypes.add("uint32" if size == 4 else "uint16")
+        shards.append({"file": f.name, "index": index.name, "docs": index.stat().st_size // 8, "tokens": count})
+    if len(dtypes) > 1 or len(names) > 1:
+        raise PhitrainError(f"{source_dir}: DataTrove files disagree on tokenizer or token size ({names}, {dtypes})")
+    return {"source": source_dir.name, "layout": "datatrove", "dtype": dtypes.pop(),
+            "tokenizer": {"kind": "datatrove", "fingerprint": f"datatrove:{names.pop()}"},
+            "splits": {"train": {"shards": shards, "docs": sum(s["docs"] for s in shards),
+                                 "tokens": sum(s["tokens"] for s in shards)}}}
+
+
 def read_manifest(source_dir: Path) -> dict:
     if not (source_dir / MANIFEST).is_file():
+        manifest = datatrove_manifest(source_dir) if source_dir.is_dir() else None
+        if manifest is not None:
+            return manifest
         raise PhitrainError(f"{source_dir}: not a prepared source (no {MANIFEST}); run `phitrain data prepare`")
     return read_json(source_dir / MANIFEST)

@@ -1,10 +1,17 @@
-"""Raw sources: files and globs, JSONL, Parquet, and the installed Python standard library.
+"""Raw sources as DataTrove readers: files and globs, JSONL, Parquet, WARC/HTML web pages, and the
+installed Python standard library.
 
-Readers yield `(doc_id, payload)` where payload is the raw `bytes` of a file (decoding is the cleaning
-stage's job, so invalid UTF-8 is counted in one place) or the `str` of a record's text field. Anything
-a reader cannot use — a malformed JSONL line, a record without the text field — is recorded in `Drops`
-by reason, or raised as one `PhitrainError` when the source is `strict`. Order is deterministic (sorted
-paths, file order within a file) so a recipe prepares the same data every time.
+Every reader is a DataTrove `BaseDiskReader`, so it runs as the first step of a pipeline on any
+executor. What phitrain adds is accounting: DataTrove's stock readers log a warning and skip a bad line
+(or, on invalid UTF-8, the rest of the file), which would lose documents without a trace. Here every
+input unit is counted (`<source>|read`) and every one that cannot be used is counted with its reason
+(`<source>|drop:<reason>`) in the step's DataTrove stats and listed in the task's drop log — or, for a
+`strict` source, stops the run with one `PhitrainError` naming the file. Reasons that mean malformed
+input are in `MALFORMED`; a compressed file that ends early (truncated gzip/zstd/WARC) is `corrupt`.
+
+Sharding: a source's sorted file list is split into `tasks` *contiguous* ranges (not DataTrove's
+round-robin), so (task, position in task) orders documents exactly as the global input order. That
+makes "keep the first copy" in deduplication independent of the task count.
 """
 
 from __future__ import annotations
@@ -14,35 +21,18 @@ import glob
 import json
 import os
 import sysconfig
-from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Iterator
 
+from datatrove.data import Document
+from datatrove.pipeline.readers.base import BaseDiskReader
+
 from phitrain.config import DataSourceConfig
+from phitrain.data.accounting import Accounting
 from phitrain.errors import PhitrainError
 
-# Reasons that mean "the input is malformed" (as opposed to a document we chose to filter). A strict
-# source raises on these instead of counting them.
-MALFORMED = frozenset({"malformed_json", "missing_field", "not_a_string", "invalid_utf8", "binary", "unreadable"})
-
-
-class Drops:
-    """Per-source counts of documents dropped, by reason, with the first few examples of each."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, Counter] = defaultdict(Counter)
-        self.examples: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-
-    def add(self, source: str, reason: str, where: str, strict: bool = False, detail: str = "") -> None:
-        if strict and reason in MALFORMED:
-            raise PhitrainError(f"{where}: {reason.replace('_', ' ')}{': ' + detail if detail else ''} "
-                                f"(source {source!r} is strict; set strict: false to count and skip)")
-        self.counts[source][reason] += 1
-        if len(self.examples[source][reason]) < 5:
-            self.examples[source][reason].append(where)
-
-    def as_dict(self) -> dict[str, dict]:
-        return {s: {"counts": dict(c), "examples": dict(self.examples[s])} for s, c in self.counts.items()}
+PAYLOAD = "_payload"   # metadata key carrying a file's raw bytes from the reader to the cleaning step
+HTML_SUFFIXES = (".html", ".htm", ".xhtml")
 
 
 def stdlib_dir() -> Path:
@@ -81,117 +71,216 @@ def _expand(cfg: DataSourceConfig) -> list[Path]:
         if not found:
             raise PhitrainError(f"source {cfg.name!r}: path {entry!r} matches no files")
         files.extend(q for q in found if any(fnmatch.fnmatch(q.name, pat) for pat in cfg.include))
-    seen, out = set(), []
-    for f in sorted(files):
-        if f not in seen:
-            seen.add(f)
-            out.append(f)
-    return out
+    return sorted(set(files))
 
 
-def _read_bytes(path: Path, cfg: DataSourceConfig, drops: Drops) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError as err:
-        drops.add(cfg.name, "unreadable", str(path), cfg.strict, err.strerror or str(err))
-        return None
-
-
-def _iter_files(cfg: DataSourceConfig, drops: Drops) -> Iterator[tuple[str, bytes | str]]:
+def list_files(cfg: DataSourceConfig) -> list[tuple[str, str]]:
+    """`(document id prefix, absolute path)` of every input file of a source, in the global input order,
+    cut after `max_files` files or once `max_bytes` of files are listed (the quickstart's knob for a fast
+    subset)."""
     if cfg.kind == "stdlib":
-        pairs = [(f"stdlib/{rel}", p) for rel, p in _stdlib_files(cfg.include_tests)]
+        pairs = [(f"stdlib/{rel}", str(p)) for rel, p in _stdlib_files(cfg.include_tests)]
     else:
-        pairs = [(str(p), p) for p in _expand(cfg)]
-    for doc_id, path in pairs:
-        data = _read_bytes(path, cfg, drops)
-        if data is not None:
-            yield doc_id, data
+        pairs = [(str(p), str(p)) for p in _expand(cfg)]
+    if cfg.max_files is not None:
+        pairs = pairs[:cfg.max_files]
+    if cfg.max_bytes is not None:
+        kept, size = [], 0
+        for pair in pairs:
+            if size >= cfg.max_bytes:
+                break
+            kept.append(pair)
+            size += os.path.getsize(pair[1])
+        pairs = kept
+    return pairs
 
 
-def _record_text(rec, field: str, where: str, cfg: DataSourceConfig, drops: Drops) -> str | None:
-    if not isinstance(rec, dict) or field not in rec or rec[field] is None:
-        drops.add(cfg.name, "missing_field", where, cfg.strict, f"no {field!r} field")
-        return None
-    text = rec[field]
-    if not isinstance(text, str):
-        drops.add(cfg.name, "not_a_string", where, cfg.strict, f"{field!r} is {type(text).__name__}")
-        return None
-    return text
+def task_range(n: int, task: int, tasks: int) -> range:
+    """Contiguous block `task` of `tasks` over n items (sizes differ by at most one)."""
+    return range(n * task // tasks, n * (task + 1) // tasks)
 
 
-def _record_id(rec: dict, cfg: DataSourceConfig, default: str) -> str:
-    if cfg.id_field and isinstance(rec, dict) and rec.get(cfg.id_field) is not None:
-        return f"{default}#{rec[cfg.id_field]}"
-    return default
+class SourceReader(Accounting, BaseDiskReader):
+    """Reads task `rank` of a recipe's sources: rank // tasks picks the source, rank % tasks the
+    contiguous block of its files. Documents carry `metadata["source"]`; file payloads travel as bytes
+    (`metadata["_payload"]`) so that decoding problems are judged in one place, the cleaning step."""
 
+    name = "📖 phitrain sources"
+    log_name = "read"
 
-def _iter_jsonl(cfg: DataSourceConfig, drops: Drops, invalid_utf8: str) -> Iterator[tuple[str, str]]:
-    for path in _expand(cfg):
+    def __init__(self, sources: list[DataSourceConfig], tasks: int, invalid_utf8: str = "skip",
+                 drop_dir: str | None = None):
+        super().__init__(data_folder="/", add_file_path=False)
+        self.sources = sources
+        self.tasks = tasks
+        self.invalid_utf8 = invalid_utf8
+        self.drop_dir = drop_dir
+        self.cfg: DataSourceConfig = sources[0]
+
+    def reject(self, reason: str, where: str, detail: str = "") -> None:
+        """Count one unusable input unit as read and dropped (or raise for a strict source)."""
+        self.count(self.cfg.name, "read")
+        self.drop(self.cfg.name, reason, where, detail, strict=self.cfg.strict)
+
+    def doc(self, doc_id: str, text: str = "", payload: bytes | None = None, **metadata) -> Document:
+        self.count(self.cfg.name, "read")
+        self.count(self.cfg.name, "read_bytes", len(payload) if payload is not None else
+                   len(text.encode("utf-8", errors="replace")))
+        meta = {"source": self.cfg.name, **metadata}
+        if payload is not None:
+            meta[PAYLOAD] = payload
+        return Document(text=text, id=doc_id, metadata=meta)
+
+    # ---- formats ---------------------------------------------------------------------------------
+    def _open(self, path: str):
+        import fsspec
+
+        return fsspec.open(path, "rb", compression="infer").open()
+
+    def _read_all(self, path: str) -> bytes | None:
         try:
-            f = path.open("rb")
+            with self._open(path) as f:
+                return f.read()
         except OSError as err:
-            drops.add(cfg.name, "unreadable", str(path), cfg.strict, err.strerror or str(err))
-            continue
-        with f:
-            for lineno, raw in enumerate(f, 1):
-                where = f"{path}:{lineno}"
-                if not raw.strip():
-                    continue
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    if invalid_utf8 == "skip" or cfg.strict:
-                        drops.add(cfg.name, "invalid_utf8", where, cfg.strict)
+            reason = "corrupt" if _is_corruption(err) else "unreadable"
+            self.reject(reason, path, getattr(err, "strerror", None) or str(err))
+        except (EOFError, ValueError) as err:   # gzip/zstd stream ended early or is not what it claims
+            self.reject("corrupt", path, str(err))
+        except Exception as err:   # zstandard raises its own ZstdError for a damaged frame
+            if type(err).__name__ != "ZstdError":
+                raise
+            self.reject("corrupt", path, str(err))
+        return None
+
+    def _read_files(self, doc_id: str, path: str) -> Iterator[Document]:
+        data = self._read_all(path)
+        if data is not None:
+            yield self.doc(doc_id, payload=data)
+
+    def _record_text(self, rec, where: str) -> str | None:
+        field = self.cfg.text_field
+        if not isinstance(rec, dict) or rec.get(field) is None:
+            self.reject("missing_field", where, f"no {field!r} field")
+            return None
+        text = rec[field]
+        if not isinstance(text, str):
+            self.reject("not_a_string", where, f"{field!r} is {type(text).__name__}")
+            return None
+        return text
+
+    def _record_id(self, rec: dict, default: str) -> str:
+        if self.cfg.id_field and isinstance(rec, dict) and rec.get(self.cfg.id_field) is not None:
+            return f"{default}#{rec[self.cfg.id_field]}"
+        return default
+
+    def _read_jsonl(self, _: str, path: str) -> Iterator[Document]:
+        try:
+            f = self._open(path)
+        except OSError as err:
+            self.reject("unreadable", path, err.strerror or str(err))
+            return
+        lineno = 0
+        try:
+            with f:
+                for lineno, raw in enumerate(f, 1):
+                    where = f"{path}:{lineno}"
+                    if not raw.strip():
                         continue
-                    line = raw.decode("utf-8", errors="replace")
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as err:
-                    drops.add(cfg.name, "malformed_json", where, cfg.strict, err.msg)
-                    continue
-                text = _record_text(rec, cfg.text_field, where, cfg, drops)
-                if text is not None:
-                    yield _record_id(rec, cfg, where), text
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        if self.invalid_utf8 == "skip" or self.cfg.strict:
+                            self.reject("invalid_utf8", where)
+                            continue
+                        line = raw.decode("utf-8", errors="replace")
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        self.reject("malformed_json", where, err.msg)
+                        continue
+                    text = self._record_text(rec, where)
+                    if text is not None:
+                        yield self.doc(self._record_id(rec, where), text)
+        except (EOFError, OSError, ValueError) as err:
+            self.reject("corrupt", f"{path}:{lineno + 1}", str(err))
+        except Exception as err:
+            if type(err).__name__ != "ZstdError":
+                raise
+            self.reject("corrupt", f"{path}:{lineno + 1}", str(err))
 
+    def _read_parquet(self, _: str, path: str) -> Iterator[Document]:
+        import pyarrow.parquet as pq
 
-def _iter_parquet(cfg: DataSourceConfig, drops: Drops) -> Iterator[tuple[str, str]]:
-    import pyarrow.parquet as pq
-
-    for path in _expand(cfg):
         try:
             pf = pq.ParquetFile(path)
         except Exception as err:  # pyarrow raises several types for a corrupt or non-Parquet file
-            drops.add(cfg.name, "unreadable", str(path), cfg.strict, str(err).splitlines()[0])
-            continue
+            self.reject("corrupt", path, str(err).splitlines()[0])
+            return
         names = pf.schema_arrow.names
-        if cfg.text_field not in names:
-            raise PhitrainError(f"{path}: no column {cfg.text_field!r} (columns: {names}); set text_field")
-        columns = [cfg.text_field] + ([cfg.id_field] if cfg.id_field and cfg.id_field in names else [])
+        if self.cfg.text_field not in names:
+            raise PhitrainError(f"{path}: no column {self.cfg.text_field!r} (columns: {names}); set text_field "
+                                f"of source {self.cfg.name!r}")
+        columns = [self.cfg.text_field] + ([self.cfg.id_field] if self.cfg.id_field in names else [])
         row = 0
         for batch in pf.iter_batches(columns=columns, batch_size=1024):
             for rec in batch.to_pylist():
                 where = f"{path}:row {row}"
                 row += 1
-                text = _record_text(rec, cfg.text_field, where, cfg, drops)
+                text = self._record_text(rec, where)
                 if text is not None:
-                    yield _record_id(rec, cfg, where), text
+                    yield self.doc(self._record_id(rec, where), text)
+
+    def _read_web(self, doc_id: str, path: str) -> Iterator[Document]:
+        name = path.lower().removesuffix(".gz").removesuffix(".zst")
+        if name.endswith(HTML_SUFFIXES):
+            yield from self._read_files(doc_id, path)
+        elif name.endswith((".warc", ".arc")):
+            yield from self._read_warc(path)
+        else:
+            self.reject("not_web", path, "not a .warc/.html file")
+
+    def _read_warc(self, path: str) -> Iterator[Document]:
+        from warcio.archiveiterator import ArchiveIterator
+        from warcio.exceptions import ArchiveLoadFailed
+
+        records = 0
+        try:
+            with open(path, "rb") as f:
+                for record in ArchiveIterator(f):
+                    if record.rec_type != "response":
+                        continue
+                    records += 1
+                    url = record.rec_headers.get_header("WARC-Target-URI") or f"{path}#{records}"
+                    ctype = (record.http_headers.get_header("Content-Type") or "") if record.http_headers else ""
+                    body = record.content_stream().read()
+                    if "html" not in ctype.lower():
+                        self.reject("not_html", url, ctype or "no content type")
+                        continue
+                    yield self.doc(url, payload=body, url=url, warc=path)
+        except (ArchiveLoadFailed, EOFError, OSError, ValueError) as err:
+            # a truncated gzip member or a record cut short: everything before it was read and counted
+            self.reject("corrupt", f"{path}#{records + 1}", str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+    # ---- DataTrove step --------------------------------------------------------------------------
+    def read_file(self, filepath: str):  # one file of the current source, dispatched by kind
+        raise NotImplementedError("SourceReader reads through run()")
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        if data:
+            yield from data
+        self.cfg = self.sources[rank // self.tasks]
+        self.begin(rank)
+        files = list_files(self.cfg)
+        read = {"stdlib": self._read_files, "files": self._read_files, "jsonl": self._read_jsonl,
+                "parquet": self._read_parquet, "web": self._read_web}[self.cfg.kind]
+        for i in task_range(len(files), rank % self.tasks, self.tasks):
+            self.stat_update("input_files")
+            doc_id, path = files[i]
+            yield from read(doc_id, path)
+        self.end()
 
 
-def iter_source(cfg: DataSourceConfig, drops: Drops, invalid_utf8: str = "skip") -> Iterator[tuple[str, bytes | str]]:
-    """All documents of one source as `(doc_id, payload)`, stopping after `max_files` documents or once
-    `max_bytes` of payload have been read (the quickstart's knob for a fast subset)."""
-    if cfg.kind in ("files", "stdlib"):
-        it: Iterator[tuple[str, bytes | str]] = _iter_files(cfg, drops)
-    elif cfg.kind == "jsonl":
-        it = _iter_jsonl(cfg, drops, invalid_utf8)
-    else:
-        it = _iter_parquet(cfg, drops)
-    n = size = 0
-    for doc_id, payload in it:
-        if cfg.max_files is not None and n >= cfg.max_files:
-            return
-        if cfg.max_bytes is not None and size >= cfg.max_bytes:
-            return
-        n += 1
-        size += len(payload)
-        yield doc_id, payload
+def _is_corruption(err: OSError) -> bool:
+    """gzip raises BadGzipFile (an OSError) for a damaged header; that is corruption, not a permission
+    or missing-file problem."""
+    return type(err).__name__ in ("BadGzipFile",) or "CRC" in str(err)
