@@ -12,9 +12,8 @@ import pytest
 from phitrain.config import DataRecipe, DecontamConfig, DedupConfig, ExercisesConfig, QualityConfig, validate
 from phitrain.data import prepare
 from phitrain.data.decontam import Decontaminator
-from phitrain.data.dedup import deduplicate
 from phitrain.data.exercises import extract_exercises
-from phitrain.data.quality import LLMAnnotator, heuristic_label, quality_filter
+from phitrain.data.quality import LLMAnnotator, QualityModel, heuristic_label
 from phitrain.errors import PhitrainError
 
 # HumanEval/0's canonical solution with every identifier renamed, annotations and docstring dropped,
@@ -95,15 +94,28 @@ def test_decontamination_against_a_jsonl_benchmark(tmp_path):
         Decontaminator.from_config(cfg)
 
 
-def test_dedup_catches_planted_near_duplicates():
+def test_dedup_catches_planted_near_duplicates(tmp_path):
+    """DataTrove's MinHash stages with phitrain's cluster step: the first copy in input order is kept, the
+    exact copy and the lightly edited one are dropped and reported as exact and near."""
     rng = random.Random(0)
     base = _code(rng, 40)
-    near = base.replace("Combine", "Merge", 2) + "\n# vendored copy\n"
-    other = _code(random.Random(1), 40)
-    ids = ["base", "other", "near", "exact"]
-    res = deduplicate(ids, [base, other, near, base + "\n"], DedupConfig())
-    assert res.keep == [True, True, False, False]
-    assert res.exact_clusters == [["base", "exact"]] and res.near_clusters == [["base", "near"]]
+    src = tmp_path / "src"
+    src.mkdir()
+    texts = {"a_base.py": base, "b_other.py": _code(random.Random(1), 40),
+             "c_near.py": base.replace("Combine", "Merge", 2) + "\n# vendored copy\n", "d_exact.py": base + "\n"}
+    for name, text in texts.items():
+        (src / name).write_text(text)
+    recipe = validate(DataRecipe, {"sources": [{"name": "code", "kind": "files", "paths": [str(src)]}],
+                                   "quality": {"enabled": False}, "decontam": {"enabled": False},
+                                   "exercises": {"enabled": False}, "tokenizer": {"vocab_size": 320},
+                                   "shards": {"val_fraction": 0.0}, "executor": {"tasks": 2, "workers": 1}}, "test")
+    assert DedupConfig().threshold == pytest.approx((1 / 14) ** (1 / 8))
+    stats = prepare(recipe, tmp_path / "out", progress=False)
+    assert stats["sources"]["code"]["exact_dupes"] == 1 and stats["sources"]["code"]["near_dupes"] == 1
+    assert stats["sources"]["code"]["train_docs"] == 2
+    report = json.loads((tmp_path / "out" / "reports" / "dedup.json").read_text())
+    assert report["exact_clusters"] == [[str(src / "a_base.py"), str(src / "d_exact.py")]]
+    assert report["near_clusters"] == [[str(src / "a_base.py"), str(src / "c_near.py")]]
 
 
 def test_exercises_extracted_from_documented_functions():
@@ -124,14 +136,14 @@ def test_pipeline_removes_contaminated_documents_and_exercises(tmp_path):
     recipe = validate(DataRecipe, {
         "sources": [{"name": "code", "kind": "files", "paths": [str(src)], "include": ["*.py"]}],
         "quality": {"enabled": False}, "tokenizer": {"vocab_size": 320},
-        "shards": {"workers": 1, "val_fraction": 0.0}}, "test")
+        "shards": {"val_fraction": 0.0}, "executor": {"workers": 1}}, "test")
     stats = prepare(recipe, tmp_path / "out", progress=False)
     assert stats["sources"]["code"]["contaminated"] == 2
     assert stats["decontamination"]["task_ids"] == ["HumanEval/0", "HumanEval/12"]
     report = json.loads((tmp_path / "out" / "reports" / "decontamination.json").read_text())
     assert {(m["doc_id"].split("/")[-1], m["task_id"]) for m in report["documents"]} == \
         {("renamed.py", "HumanEval/0"), ("verbatim.py", "HumanEval/12")}
-    kept = (tmp_path / "out" / "work" / "code.train.jsonl").read_text()
+    kept = "".join(p.read_text() for p in (tmp_path / "out" / "work" / "docs" / "code" / "train").glob("*.jsonl"))
     assert "any_near" not in kept and "def mean" in kept
     exercises = [json.loads(x) for x in (tmp_path / "out" / "exercises.jsonl").read_text().splitlines()]
     assert {e["source"].split("/")[-1] for e in exercises} >= {"clean.py:mean"}
@@ -149,13 +161,21 @@ def _docs(n: int, seed: int = 0) -> list[str]:
     return docs
 
 
-def test_quality_filter_heuristic_reports_accuracy_and_kept_fraction():
+def _fit_and_keep(docs: list[str], cfg: QualityConfig) -> tuple[QualityModel, list[bool]]:
+    """What the quality-fit and quality-filter stages do: annotate a sample, fit, score every document."""
+    model = QualityModel(cfg, seed=0).fit(docs[:cfg.sample_size])
+    return model, [s >= cfg.threshold for s in model.score(docs)]
+
+
+def test_quality_filter_heuristic_reports_accuracy_and_kept_fraction(tmp_path):
     docs = _docs(120)
-    res = quality_filter(docs, QualityConfig(sample_size=80, n_estimators=20), seed=0)
-    s = res.summary()
+    model, keep = _fit_and_keep(docs, QualityConfig(sample_size=80, n_estimators=20))
+    s = model.summary
     assert s["annotated"] == 80 and s["heldout_accuracy"] is not None and s["heldout_accuracy"] >= 0.9
-    assert 0.4 <= s["kept_fraction"] <= 0.6
-    assert all(k == bool(heuristic_label(d)) for k, d in zip(res.keep, docs))
+    assert 0.4 <= sum(keep) / len(keep) <= 0.6
+    assert all(k == bool(heuristic_label(d)) for k, d in zip(keep, docs))
+    model.save(tmp_path / "q.pkl")      # what the scoring tasks load
+    assert QualityModel.load(tmp_path / "q.pkl").score(docs) == model.score(docs)
 
 
 class _Annotator(BaseHTTPRequestHandler):
@@ -197,12 +217,12 @@ def test_quality_filter_with_an_openai_compatible_annotator(llm_server, monkeypa
     cfg = QualityConfig(annotator="llm", base_url=llm_server, model="judge", api_key_env="PHITRAIN_TEST_KEY",
                         sample_size=40, n_estimators=20)
     docs = _docs(60, seed=1)
-    res = quality_filter(docs, cfg, seed=0)
-    assert len(_Annotator.requests) == 40 and res.annotated == 40
+    model, keep = _fit_and_keep(docs, cfg)
+    assert len(_Annotator.requests) == 40 and model.summary["annotated"] == 40
     req = _Annotator.requests[0]
     assert req["body"]["model"] == "judge" and req["auth"] == "Bearer sk-test"
     assert "educational value" in req["body"]["messages"][0]["content"]
-    assert res.accuracy == 1.0 and res.kept == 30
+    assert model.summary["heldout_accuracy"] == 1.0 and sum(keep) == 30
     _Annotator.fail = True
     with pytest.raises(PhitrainError, match="HTTP 503"):
         LLMAnnotator(cfg).label("def f(): pass")
@@ -215,7 +235,7 @@ def test_llm_annotator_unreachable_is_one_clear_error():
 
 
 def test_quality_filter_on_checkpoint_embeddings(tmp_path):
-    checkpoint = pytest.importorskip("phitrain.checkpoint")
+    from phitrain import checkpoint
     from phitrain.config import ModelConfig
     from phitrain.model.phi import PhiModel
     from phitrain.tokenizer import train_bpe
@@ -226,6 +246,6 @@ def test_quality_filter_on_checkpoint_embeddings(tmp_path):
                       num_layers=1, num_heads=2, max_position_embeddings=128)
     checkpoint.save_checkpoint(tmp_path / "ckpt", PhiModel(cfg), tok)
     q = QualityConfig(classifier="embedding", checkpoint=str(tmp_path / "ckpt"), sample_size=40, n_estimators=20)
-    res = quality_filter(docs, q, seed=0)
-    assert res.feature == "embedding" and res.accuracy is not None and res.accuracy >= 0.75
-    assert 0 < res.kept < len(docs)
+    model, keep = _fit_and_keep(docs, q)
+    assert model.summary["features"] == "embedding" and model.summary["heldout_accuracy"] >= 0.75
+    assert 0 < sum(keep) < len(docs)

@@ -14,7 +14,7 @@ from phitrain.cli import main
 from phitrain.config import CleanConfig, DataRecipe, DataSourceConfig, validate
 from phitrain.data import prepare
 from phitrain.data.clean import clean_document
-from phitrain.data.sources import Drops, iter_source, stdlib_dir
+from phitrain.data.sources import list_files, stdlib_dir
 from phitrain.errors import PhitrainError
 
 GOOD = "def f(x):\n    return x + 1\n"
@@ -44,7 +44,7 @@ def _recipe(d: Path, **kw) -> DataRecipe:
         sources[i].update(extra)
     data = {"sources": sources, "quality": {"enabled": False}, "decontam": {"enabled": False},
             "exercises": {"enabled": False}, "tokenizer": {"vocab_size": 300},
-            "shards": {"workers": 1, "val_fraction": 0.0}, **kw}
+            "shards": {"val_fraction": 0.0}, "executor": {"workers": 1}, **kw}
     return validate(DataRecipe, data, "test")
 
 
@@ -58,7 +58,7 @@ def test_malformed_inputs_are_counted_never_lost(messy, tmp_path):
     assert s["pq"]["drops"] == {"missing_field": 1} and s["pq"]["train_docs"] == 2
     examples = json.loads((tmp_path / "out" / "reports" / "drops.json").read_text())
     assert examples["jsonl"]["examples"]["malformed_json"] == [f"{messy / 'docs.jsonl'}:2"]
-    text = (tmp_path / "out" / "work" / "files.train.jsonl").read_text()
+    text = "".join(p.read_text() for p in (tmp_path / "out" / "work" / "docs" / "files" / "train").glob("*.jsonl"))
     assert "\\r" not in text and "x = 1\\ny = 2\\n" in text      # line endings normalised
 
 
@@ -85,16 +85,18 @@ def test_clean_document_reasons():
 
 def test_sources_errors_and_limits(tmp_path):
     with pytest.raises(PhitrainError, match="matches no files"):
-        list(iter_source(DataSourceConfig(name="x", kind="files", paths=[str(tmp_path / "nope*")]), Drops()))
-    (tmp_path / "p.parquet").write_bytes(b"")
+        list_files(DataSourceConfig(name="x", kind="files", paths=[str(tmp_path / "nope*")]))
     pq.write_table(pa.table({"body": ["a"]}), tmp_path / "p.parquet")
-    with pytest.raises(PhitrainError, match="no column 'text'"):
-        list(iter_source(DataSourceConfig(name="x", kind="parquet", paths=[str(tmp_path / "p.parquet")]), Drops()))
-    docs = list(iter_source(DataSourceConfig(name="s", kind="stdlib", max_files=5), Drops()))
-    assert len(docs) == 5 and all(i.startswith("stdlib/") and isinstance(p, bytes) for i, p in docs)
+    recipe = validate(DataRecipe, {"sources": [{"name": "x", "kind": "parquet", "paths": [str(tmp_path / "p.parquet")]}],
+                                   "quality": {"enabled": False}, "decontam": {"enabled": False},
+                                   "exercises": {"enabled": False}}, "test")
+    with pytest.raises(PhitrainError, match="p.parquet: no column 'text'"):
+        prepare(recipe, tmp_path / "out", progress=False)
+    files = list_files(DataSourceConfig(name="s", kind="stdlib", max_files=5))
+    assert len(files) == 5 and all(i.startswith("stdlib/") and Path(p).is_file() for i, p in files)
     assert stdlib_dir().is_dir()
-    small = list(iter_source(DataSourceConfig(name="s", kind="stdlib", max_bytes=50_000), Drops()))
-    assert sum(len(p) for _, p in small[:-1]) < 50_000
+    small = list_files(DataSourceConfig(name="s", kind="stdlib", max_bytes=50_000))
+    assert sum(Path(p).stat().st_size for _, p in small[:-1]) < 50_000
 
 
 def test_cli_prepare_and_stats(messy, tmp_path, capsys):

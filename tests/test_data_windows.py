@@ -33,7 +33,7 @@ def _recipe(sources: list[dict], **over) -> DataRecipe:
     data = {"sources": sources, "dedup": {"exact": False, "near": False}, "quality": {"enabled": False},
             "decontam": {"enabled": False}, "exercises": {"enabled": False},
             "tokenizer": {"train": True, "vocab_size": 400},
-            "shards": {"workers": 1, "shard_bytes": 3000, "val_fraction": 0.0}}
+            "shards": {"val_fraction": 0.0}, "executor": {"tasks": 3, "workers": 1}}
     for k, v in over.items():
         data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
     return validate(DataRecipe, data, "test recipe")
@@ -41,12 +41,15 @@ def _recipe(sources: list[dict], **over) -> DataRecipe:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """Three sources with disjoint alphabets, so every window reveals which source it came from."""
+    """Three sources with disjoint alphabets, so every window reveals which source it came from; each in
+    three files, so that 3 tasks make 3 shards per source (windows then cross shard boundaries)."""
     root = tmp_path_factory.mktemp("corpus")
     rng = random.Random(0)
     docs = {name: [_words(rng, alpha, rng.randint(5, 60)) + "\n" for _ in range(n)]
             for name, alpha, n in (("a", "abcdefg", 120), ("b", "hijklmn", 60), ("c", "opqrstu", 40))}
-    sources = [{"name": n, "kind": "jsonl", "paths": [str(_write_jsonl(root / f"{n}.jsonl", d))]}
+    sources = [{"name": n, "kind": "jsonl",
+                "paths": [str(_write_jsonl(root / f"{n}{k}.jsonl", d[k * len(d) // 3:(k + 1) * len(d) // 3]))
+                          for k in range(3)]}
                for n, d in docs.items()]
     out = root / "data"
     stats = prepare(_recipe(sources), out, progress=False)
@@ -188,19 +191,22 @@ def test_validation_split_and_rerun_skips_shards(tmp_path, corpus):
         load_validation_windows(mix, seq_len=100_000, max_windows=10)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("shard-*.bin")}
     again = prepare(recipe, out, progress=False)
-    assert again["shards"]["skipped"] == len(before) and again["tokenizer"]["reused"]
+    assert all(t["ran"] == 0 for t in again["tasks"].values())     # every DataTrove task was done
+    assert len(before) > 9 and again["tokenizer"] == stats["tokenizer"]   # 3 sources x 3 tasks x 2 splits
     assert {p: p.stat().st_mtime_ns for p in out.rglob("shard-*.bin")} == before
 
 
 def test_parallel_tokenisation_is_deterministic(tmp_path, corpus):
     sources = [dict(s) for s in corpus["sources"]]
     out = tmp_path / "p"
-    prepare(_recipe(sources, shards={"workers": 2}), out, progress=False)
+    prepare(_recipe(sources, executor={"workers": 2}), out, progress=False)
     for s in ("a", "b", "c"):
         one = TokenStream(corpus["out"] / s, "train")
         two = TokenStream(out / s, "train")
         assert one.manifest["dtype"] == "uint16"
         assert np.array_equal(one.read(0, len(one)), two.read(0, len(two)))
+        for shard in (corpus["out"] / s / "train").glob("shard-*.bin"):
+            assert shard.read_bytes() == (out / s / "train" / shard.name).read_bytes()
         meta = json.loads((out / s / "manifest.json").read_text())
         assert meta["tokenizer"]["fingerprint"] == one.manifest["tokenizer"]["fingerprint"]
 

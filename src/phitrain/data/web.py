@@ -31,7 +31,8 @@ class LanguageFilter(BaseFilter):
         if self._identifier is None:
             from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
-            self._identifier = LanguageIdentifier.from_pickled_model(MODEL_FILE, norm_probs=True)
+            load = getattr(LanguageIdentifier, "from_model_file", None) or LanguageIdentifier.from_pickled_model
+            self._identifier = load(MODEL_FILE, norm_probs=True)   # py3langid >= 0.4 / 0.3
         lang, prob = self._identifier.classify(doc.text)
         doc.metadata["language"], doc.metadata["language_score"] = lang, round(float(prob), 4)
         if lang not in self.languages:
