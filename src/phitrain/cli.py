@@ -261,9 +261,58 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     st.set_defaults(func=_data_stats)
 
 
+# ---- serve ---------------------------------------------------------------------------------------
+
+def _serve(args: argparse.Namespace) -> None:
+    from phitrain.serve.app import serve
+
+    serve(args.source, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+          device=args.device, dtype=args.dtype, model_name=args.model_name)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming) that "
+                                     "batches concurrent requests")
+    p.add_argument("source", metavar="CKPT_OR_HF_DIR", help="phitrain checkpoint or transformers directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, "
+                                                        "this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="most sequences decoded together "
+                                                                   "(default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that has it, else float32), "
+                                                   "float32, bfloat16, float16")
+    p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the path "
+                                                      "as given)")
+    p.set_defaults(func=_serve)
+
+
+# ---- synth ---------------------------------------------------------------------------------------
+
+def _synth(args: argparse.Namespace) -> None:
+    from phitrain.config import load_yaml
+    from phitrain.synth import SynthRecipe, print_summary, run_synth
+
+    recipe = load_yaml(SynthRecipe, args.recipe, args.set)
+    print_summary(run_synth(recipe, args.out, progress=not args.quiet), args.out)
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="generate textbooks, exercises, rewrites, reversed code and long documents "
+                                     "from an OpenAI-compatible endpoint; re-run to resume from the cache")
+    p.add_argument("recipe", help="synth recipe YAML (e.g. recipes/synth-tiny.yaml)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (one file per generator, "
+                                                                "report.md, diversity.json, cache.sqlite)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set generators.0.n=100 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_synth)
+
+
 # ---- main ----------------------------------------------------------------------------------------
 
-_GROUPS = [_add_model, _add_train, _add_quickstart, _add_tokenizer, _add_convert, _add_generate, _add_eval, _add_data]
+_GROUPS = [_add_model, _add_train, _add_quickstart, _add_tokenizer, _add_convert, _add_generate, _add_eval, _add_data,
+           _add_serve, _add_synth]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,6 +36,23 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def left_pad(prompts: Sequence[Sequence[int]], width: int, device) -> tuple[torch.Tensor, ...]:
+    """(ids, mask, position_ids), each [B, width]: prompts right-aligned at the longest prompt's end.
+
+    Columns after the prompts are marked real in the mask (they will hold generated tokens), and position
+    ids count real tokens only, so a padded row computes what it would alone. The serving engine
+    (`phitrain.serve.engine`) prefills joining requests with the same layout.
+    """
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):longest] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, longest - len(p):longest] = 1
+    mask[:, longest:] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def generate(
     model: PhiModel,
@@ -66,13 +83,7 @@ def generate(
     was_training = model.training
     model.eval()
     B, total = len(prompts), longest + max_new_tokens
-    ids = torch.zeros(B, total, dtype=torch.long, device=device)
-    mask = torch.zeros(B, total, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p):longest] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, longest - len(p):longest] = 1
-    mask[:, longest:] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, positions = left_pad(prompts, total, device)
     padded = bool((mask[:, :longest] == 0).any())
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = KVCache(model.config, B, total, device, next(model.parameters()).dtype) if use_cache else None
