@@ -55,7 +55,11 @@ def make_executors(cfg: ExecutorConfig, stages, logs: Path) -> list:
                 env_command=cfg.env_command or f"source {Path(sys.prefix) / 'bin' / 'activate'}",
                 sbatch_args=dict(cfg.sbatch_args), **common)
         else:
+            import ray
             from datatrove.executor.ray import RayPipelineExecutor
+
+            if not ray.is_initialized():   # join the cluster the recipe names (its head must be running)
+                ray.init(address=cfg.ray_address, include_dashboard=False, log_to_driver=False)
 
             ex = RayPipelineExecutor(workers=cfg.workers or -1, cpus_per_task=cfg.cpus_per_task,
                                      mem_per_cpu_gb=cfg.mem_per_cpu_gb, **common)
