@@ -237,7 +237,9 @@ def _data_prepare(args: argparse.Namespace) -> None:
     from phitrain.data import prepare, print_stats
 
     recipe = load_yaml(DataRecipe, args.recipe, args.set)
-    print_stats(prepare(recipe, args.out, progress=not args.quiet))
+    stats = prepare(recipe, args.out, progress=not args.quiet)
+    if stats:   # empty when the stages were submitted to Slurm
+        print_stats(stats)
 
 
 def _data_stats(args: argparse.Namespace) -> None:
@@ -249,11 +251,12 @@ def _data_stats(args: argparse.Namespace) -> None:
 def _add_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="prepare token shards from raw sources; show their stats")
     s = p.add_subparsers(dest="data_cmd", required=True)
-    prep = s.add_parser("prepare", help="sources → clean → dedup → quality → decontaminate → exercises → shards")
+    prep = s.add_parser("prepare", help="DataTrove stages: sources → clean → dedup → quality → decontaminate → "
+                                        "exercises → shards (re-run to resume)")
     prep.add_argument("recipe", help="data recipe YAML (e.g. recipes/data-stdlib.yaml)")
     prep.add_argument("--out", required=True, help="output data directory (re-running resumes)")
     prep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a recipe value, e.g. --set sources.0.max_files=200")
+                      help="override a recipe value, e.g. --set sources.0.max_files=200 --set executor.tasks=8")
     prep.add_argument("--quiet", action="store_true", help="no progress bars")
     prep.set_defaults(func=_data_prepare)
     st = s.add_parser("stats", help="table of documents, tokens, drops, dupes, quality, contamination")
