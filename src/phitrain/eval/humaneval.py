@@ -129,7 +129,8 @@ def evaluate(problems: dict[str, dict[str, Any]], samples: list[dict[str, Any]],
 
 def _row(sample: dict[str, Any], result: ExecResult) -> dict[str, Any]:
     return {"task_id": sample["task_id"], "completion": sample["completion"], "status": result.status,
-            "passed": result.passed, "error": result.error, "seconds": round(result.seconds, 4)}
+            "passed": result.passed, "error": result.error, "seconds": round(result.seconds, 4),
+            "isolation": result.isolation}
 
 
 def write_results(path: str | os.PathLike, report: HumanEvalReport) -> None:
@@ -155,9 +156,14 @@ def run_humaneval(*, problems_path: str | None, checkpoint: str | None, completi
         samples = generate_completions(checkpoint, problems, n_samples=n_samples, temperature=temperature,
                                        top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                        seed=seed, device=device)
+    # the programs must not see the model, the completions or the results they are judged by
+    sandbox = sandbox or SandboxConfig()
+    private = [os.path.dirname(os.path.abspath(p)) for p in (out, completions) if p] + ([checkpoint] if checkpoint else [])
+    sandbox = sandbox.model_copy(update={"hide": [*sandbox.hide, *private]})
     report = evaluate(problems, samples, ks=ks, sandbox=sandbox, progress=True)
     write_results(out, report)
     summary = {"problems": len({s["task_id"] for s in samples}), "samples": len(samples), **report.counts(),
+               "isolation": sorted({r["isolation"] for r in report.samples}),
                **{k: round(v, 6) for k, v in report.pass_at_k.items()}, "results": str(out)}
     _print_table(summary)
     print(json.dumps(summary))
