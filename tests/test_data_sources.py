@@ -134,3 +134,29 @@ def test_stdlib_recipe_end_to_end(tmp_path):
     x, y = next(WindowLoader(mix, seq_len=64, micro_batch_size=2))
     assert x.shape == y.shape == (2, 64) and int(x.max()) < 1000
     assert load_validation_windows(mix, 64, 4).shape[1] == 65
+
+
+def test_synth_output_is_a_data_source(tmp_path):
+    """A `phitrain synth` output directory (one file per generator, written by synth's own writer) is read
+    by `kind: synth`: every row counted, ids kept, reports and rejected/ ignored."""
+    from phitrain.synth.run import write_records
+
+    out = tmp_path / "synth"
+    (out / "rejected").mkdir(parents=True)
+    rows = [{"id": f"books-{i:06d}", "text": f"Chapter {i}: loops repeat work.\n", "kind": "textbook"} for i in range(5)]
+    write_records(out / "books.parquet", rows, "parquet")
+    write_records(out / "qa.jsonl", [{"id": "qa-000000", "text": "Q: what is a list?\nA: a sequence.\n"}], "jsonl")
+    write_records(out / "rejected" / "qa.jsonl", [{"id": "bad", "text": "rejected\n"}], "jsonl")
+    (out / "report.md").write_text("# report\n")
+    recipe = validate(DataRecipe, {"sources": [{"name": "synthetic", "kind": "synth", "paths": [str(out)]}],
+                                   "dedup": {"exact": False, "near": False},   # the chapters are near-copies
+                                   "quality": {"enabled": False}, "decontam": {"enabled": False},
+                                   "exercises": {"enabled": False}, "tokenizer": {"vocab_size": 300},
+                                   "shards": {"val_fraction": 0.0}, "executor": {"workers": 1}}, "test")
+    stats = prepare(recipe, tmp_path / "data", progress=False)
+    s = stats["sources"]["synthetic"]
+    assert s["read"] == 6 and s["train_docs"] == 6 and s["drops"] == {}
+    kept = "".join(p.read_text() for p in (tmp_path / "data" / "work" / "docs" / "synthetic" / "train").glob("*.jsonl"))
+    assert "books-000004" in kept and "qa-000000" in kept and "rejected" not in kept
+    with pytest.raises(PhitrainError, match="holds no `phitrain synth` output"):
+        list_files(DataSourceConfig(name="x", kind="synth", paths=[str(out / "rejected" / "none")]))

@@ -330,12 +330,14 @@ class DataSourceConfig(Config):
       the quickstart's corpus; `include_tests` adds the test suites, ~2.5x more code);
     - "web": WARC files (`.warc`, `.warc.gz`; HTTP responses with an HTML body) and/or plain HTML files,
       whose main text is extracted (trafilatura) and filtered by the recipe's `web` heuristics (Phi-4 §2:
-      filtered web data is the largest pretraining source).
+      filtered web data is the largest pretraining source);
+    - "synth": `phitrain synth` output directories (each generator's `.parquet`/`.jsonl` of `text` + `id`),
+      so generated textbooks and exercises go through the same dedup, decontamination and shards.
     Paths may be gzip (.gz) or zstd (.zst) compressed. `strict` turns every counted skip of this source
     (malformed line, missing field, bad UTF-8, corrupt file) into an error instead."""
 
     name: str
-    kind: Literal["files", "jsonl", "parquet", "stdlib", "web"]
+    kind: Literal["files", "jsonl", "parquet", "stdlib", "web", "synth"]
     paths: list[str] = []
     include: list[str] = ["*"]
     text_field: str = "text"

@@ -209,13 +209,18 @@ def _doc_record(self, document) -> dict:
 
 
 def _recipe_key(recipe: DataRecipe) -> str:
-    return hashlib.sha256(recipe.model_dump_json(exclude={"executor"}).encode()).hexdigest()
+    """What the finished tasks depend on: the whole recipe, including the task count (it decides which
+    documents each task holds), but not where or how many at once the tasks run."""
+    data = recipe.model_dump(mode="json")
+    data["executor"] = {"tasks": recipe.executor.tasks}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def prepare(recipe: DataRecipe, out_dir: str | os.PathLike, *, progress: bool = True) -> dict:
     """Run every stage of the recipe into `out_dir` (skipping tasks finished by an earlier run of the same
-    recipe) and return the stats. A changed recipe (apart from its executor) starts over: its work
-    directory is cleared, since finished tasks of another recipe are not this one's."""
+    recipe) and return the stats. A changed recipe (or task count) starts over: its work directory is
+    cleared, since finished tasks of another recipe are not this one's. On Slurm the stages are submitted
+    and an empty dict is returned: the `report` job writes the stats."""
     out = Path(out_dir)
     work = out / "work"
     key_file = work / "recipe.sha256"
@@ -302,15 +307,19 @@ def write_report(recipe: DataRecipe, out: Path) -> dict:
                     "splits": splits}
         atomic_write_text(out / name / MANIFEST, json.dumps(manifest, indent=1))
 
-    exercises = []
-    if recipe.exercises.enabled:
-        for path in sorted((work / "docs" / recipe.exercises.name).glob("*/*.jsonl"),
-                           key=lambda p: (p.name, p.parent.name)):
-            for line in path.read_text(encoding="utf-8").splitlines():
-                rec = json.loads(line)
-                exercises.append({"prompt": rec["metadata"]["prompt"], "completion": rec["metadata"]["completion"],
-                                  "source": rec["id"]})
-        atomic_write_text(out / "exercises.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in exercises))
+    if recipe.exercises.enabled:   # streamed: the pairs are never all in memory
+        target = out / "exercises.jsonl"
+        tmp = target.with_name(f".{target.name}.tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for path in sorted((work / "docs" / recipe.exercises.name).glob("*/*.jsonl"),
+                               key=lambda p: (p.name, p.parent.name)):
+                with path.open(encoding="utf-8") as src:
+                    for line in src:
+                        rec = json.loads(line)
+                        f.write(json.dumps({"prompt": rec["metadata"]["prompt"], "completion":
+                                            rec["metadata"]["completion"], "source": rec["id"]},
+                                           ensure_ascii=False) + "\n")
+        os.replace(tmp, target)
 
     reports = out / "reports"
     quality = None

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import gzip
 import json
 import os
 import sysconfig
+import zlib
 from pathlib import Path
 from typing import Iterator
 
+import zstandard
 from datatrove.data import Document
 from datatrove.pipeline.readers.base import BaseDiskReader
 
@@ -31,7 +34,10 @@ from phitrain.config import DataSourceConfig
 from phitrain.data.accounting import Accounting
 from phitrain.errors import PhitrainError
 
-PAYLOAD = "_payload"   # metadata key carrying a file's raw bytes from the reader to the cleaning step
+PAYLOAD = "_payload"
+# what a damaged or truncated compressed file raises (gzip: BadGzipFile or EOFError; zlib: error;
+# zstandard: ZstdError): the file is counted as `corrupt`, never as a text-encoding problem
+CORRUPT = (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError)   # metadata key carrying a file's raw bytes from the reader to the cleaning step
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")
 
 
@@ -80,6 +86,13 @@ def list_files(cfg: DataSourceConfig) -> list[tuple[str, str]]:
     subset)."""
     if cfg.kind == "stdlib":
         pairs = [(f"stdlib/{rel}", str(p)) for rel, p in _stdlib_files(cfg.include_tests)]
+    elif cfg.kind == "synth":   # each generator's output file, not rejected/ nor the reports
+        pairs = []
+        for entry in cfg.paths:
+            found = sorted(p for p in Path(entry).expanduser().glob("*") if p.name.endswith((".parquet", ".jsonl")))
+            if not found:
+                raise PhitrainError(f"source {cfg.name!r}: {entry!r} holds no `phitrain synth` output (.parquet/.jsonl)")
+            pairs.extend((str(p), str(p)) for p in found)
     else:
         pairs = [(str(p), str(p)) for p in _expand(cfg)]
     if cfg.max_files is not None:
@@ -141,15 +154,10 @@ class SourceReader(Accounting, BaseDiskReader):
         try:
             with self._open(path) as f:
                 return f.read()
+        except CORRUPT as err:
+            self.reject("corrupt", path, str(err) or type(err).__name__)
         except OSError as err:
-            reason = "corrupt" if _is_corruption(err) else "unreadable"
-            self.reject(reason, path, getattr(err, "strerror", None) or str(err))
-        except (EOFError, ValueError) as err:   # gzip/zstd stream ended early or is not what it claims
-            self.reject("corrupt", path, str(err))
-        except Exception as err:   # zstandard raises its own ZstdError for a damaged frame
-            if type(err).__name__ != "ZstdError":
-                raise
-            self.reject("corrupt", path, str(err))
+            self.reject("unreadable", path, err.strerror or str(err))
         return None
 
     def _read_files(self, doc_id: str, path: str) -> Iterator[Document]:
@@ -201,12 +209,8 @@ class SourceReader(Accounting, BaseDiskReader):
                     text = self._record_text(rec, where)
                     if text is not None:
                         yield self.doc(self._record_id(rec, where), text)
-        except (EOFError, OSError, ValueError) as err:
-            self.reject("corrupt", f"{path}:{lineno + 1}", str(err))
-        except Exception as err:
-            if type(err).__name__ != "ZstdError":
-                raise
-            self.reject("corrupt", f"{path}:{lineno + 1}", str(err))
+        except (*CORRUPT, OSError) as err:   # the compressed stream ends early: the lines before it count
+            self.reject("corrupt", f"{path}:{lineno + 1}", str(err) or type(err).__name__)
 
     def _read_parquet(self, _: str, path: str) -> Iterator[Document]:
         import pyarrow.parquet as pq
@@ -229,6 +233,10 @@ class SourceReader(Accounting, BaseDiskReader):
                 text = self._record_text(rec, where)
                 if text is not None:
                     yield self.doc(self._record_id(rec, where), text)
+
+    def _read_synth(self, doc_id: str, path: str) -> Iterator[Document]:
+        """A synth generator's rows: `text`, and `id` (the generator and item number) as the document id."""
+        yield from (self._read_parquet if path.endswith(".parquet") else self._read_jsonl)(doc_id, path)
 
     def _read_web(self, doc_id: str, path: str) -> Iterator[Document]:
         name = path.lower().removesuffix(".gz").removesuffix(".zst")
@@ -257,30 +265,26 @@ class SourceReader(Accounting, BaseDiskReader):
                         self.reject("not_html", url, ctype or "no content type")
                         continue
                     yield self.doc(url, payload=body, url=url, warc=path)
-        except (ArchiveLoadFailed, EOFError, OSError, ValueError) as err:
+        except (ArchiveLoadFailed, *CORRUPT, OSError) as err:
             # a truncated gzip member or a record cut short: everything before it was read and counted
             self.reject("corrupt", f"{path}#{records + 1}", str(err).splitlines()[0] if str(err) else type(err).__name__)
 
     # ---- DataTrove step --------------------------------------------------------------------------
-    def read_file(self, filepath: str):  # one file of the current source, dispatched by kind
-        raise NotImplementedError("SourceReader reads through run()")
+    def read_file(self, filepath: str) -> Iterator[Document]:
+        """One file of the task's source, by the source's kind (called by DataTrove's `read_files_shard`)."""
+        read = {"stdlib": self._read_files, "files": self._read_files, "jsonl": self._read_jsonl,
+                "parquet": self._read_parquet, "web": self._read_web, "synth": self._read_synth}[self.cfg.kind]
+        return read(self._ids[filepath], filepath)
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         if data:
             yield from data
         self.cfg = self.sources[rank // self.tasks]
+        if self.cfg.kind == "synth":   # synth rows always carry `text` and `id`
+            self.cfg = self.cfg.model_copy(update={"text_field": "text", "id_field": "id"})
         self.begin(rank)
         files = list_files(self.cfg)
-        read = {"stdlib": self._read_files, "files": self._read_files, "jsonl": self._read_jsonl,
-                "parquet": self._read_parquet, "web": self._read_web}[self.cfg.kind]
-        for i in task_range(len(files), rank % self.tasks, self.tasks):
-            self.stat_update("input_files")
-            doc_id, path = files[i]
-            yield from read(doc_id, path)
+        shard = [files[i] for i in task_range(len(files), rank % self.tasks, self.tasks)]
+        self._ids = {path: doc_id for doc_id, path in shard}
+        yield from self.read_files_shard([path for _, path in shard])
         self.end()
-
-
-def _is_corruption(err: OSError) -> bool:
-    """gzip raises BadGzipFile (an OSError) for a damaged header; that is corruption, not a permission
-    or missing-file problem."""
-    return type(err).__name__ in ("BadGzipFile",) or "CRC" in str(err)
