@@ -9,12 +9,30 @@ the counts compare across client numbers. Throughput is all completion tokens / 
 measurement; the server's /stats gives the mean batch size it ran. Goal: 16 clients >= 3x 1 client,
 which only continuous batching delivers (one client's decode steps are latency-bound, not compute-bound).
 
+Then `synth` client overhead (issue 10's goal: items/s through `synth` >= 0.9x raw requests/s against
+the same server). `phitrain synth` runs as a subprocess (what users run) on a recipe of one `textbook`
+generator without `revise` (one request per item): `--synth-items` items, `--synth-max-tokens` tokens,
+temperature 0, `--synth-concurrency` workers, a fresh output directory and cache each time. Its items/s
+is items / the wall time of the generation phase (`phitrain.synth.run.generate`, timed by a wrapper the
+subprocess installs before calling the CLI: the worker pool, cache look-ups and commits, HTTP). Two wider
+rates are reported beside it: over the run's own `seconds` (diversity.json; adds writing the Parquet file
+and the diversity statistics, including their one-time lazy imports of pyarrow and datasketch) and over
+the whole process (adds the interpreter start, imports, recipe parsing and planning). The raw side POSTs
+exactly the same request bodies -- built beforehand by synth's own planning and prompt code (`build_job` +
+`run_item` through an `LLMClient` whose send only records), and checked afterwards to have the same cache
+keys as the requests the synth run stored -- with httpx from as many threads, taking requests from one
+shared queue as synth's pool takes items; requests/s = requests / wall time. Raw and synth alternate
+(raw, synth, raw, synth; `--synth-repeats`); medians are reported. Decoding is greedy, so both sides
+should generate the same tokens: the completion token totals (and how many answer texts equal the cached
+ones) are printed as the check.
+
 Prints a table, then one JSON line. Sections are functions over a running server
 (`running_server(checkpoint, args)` yields a `Server` with the OpenAI base URL), so further measurements
 against the same server can be added as functions next to `bench_throughput`.
 
     python benchmarks/serve_speed.py                       # 1, 4, 16 clients x 4 requests x 96 tokens
     python benchmarks/serve_speed.py --clients 1 16 --requests 2 --max-tokens 64 --threads 1
+    python benchmarks/serve_speed.py --synth-items 0        # throughput only, no synth section
 """
 
 from __future__ import annotations
@@ -36,6 +54,7 @@ from typing import Iterator
 import httpx
 
 GOAL = 3.0  # 16-client throughput over 1-client throughput
+SYNTH_GOAL = 0.9  # synth items/s over raw requests/s (one request per item)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,6 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="the server's torch threads (OMP_NUM_THREADS)")
     p.add_argument("--device", default="cpu", help="the server's --device")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--synth-items", type=int, default=32, help="items (= requests) per synth/raw run; 0 skips "
+                                                                "the synth overhead section")
+    p.add_argument("--synth-max-tokens", type=int, default=48, help="max_tokens of each synth request")
+    p.add_argument("--synth-concurrency", type=int, default=8, help="synth's endpoint.concurrency and the "
+                                                                    "raw side's threads")
+    p.add_argument("--synth-repeats", type=int, default=2, help="raw/synth pairs, alternated; medians reported")
     return p.parse_args(argv)
 
 
@@ -147,6 +172,183 @@ def bench_throughput(server: Server, prompts: list[list[int]], clients: int, arg
             "mean_batch_size": round((after["batch_rows"] - before["batch_rows"]) / batches, 2) if batches else 0}
 
 
+# ---- synth client overhead -----------------------------------------------------------------------
+
+SYNTH_TOPICS = ["list comprehensions", "recursion", "hash tables", "binary search", "string formatting",
+                "exceptions", "generators", "sorting algorithms"]
+
+
+def synth_recipe(server: Server, args) -> dict:
+    """One `textbook` generator, no `revise`: exactly one /completions request per item."""
+    return {
+        "name": "serve-speed-synth",
+        "endpoint": {"base_url": server.base_url, "model": server.model, "api": "completions",
+                     "concurrency": args.synth_concurrency, "max_retries": 0, "timeout_s": 600},
+        "sampling": {"temperature": 0.0, "max_tokens": args.synth_max_tokens, "seed": args.seed},
+        "generators": [{"kind": "textbook", "name": "textbook", "n": args.synth_items, "topics": SYNTH_TOPICS}],
+    }
+
+
+def synth_request_bodies(recipe_data: dict, scratch: Path) -> tuple[list[dict], list[str]]:
+    """The request bodies (and cache keys) a synth run of the recipe sends, in item order, built by synth's
+    own code: the plan (`build_job`), each item's prompts (`run_item`), the payload (`LLMClient.payload`).
+    Only the send is replaced, by a recorder that answers with an empty text."""
+    from phitrain.synth import SynthRecipe
+    from phitrain.synth.client import Answer, LLMClient, RequestCache
+    from phitrain.synth.generators import run_item
+    from phitrain.synth.run import build_job
+
+    recipe = SynthRecipe.model_validate(recipe_data)
+    assert len(recipe.generators) == 1 and recipe.generators[0].revise is None
+    job = build_job(recipe, 0)
+    bodies: list[dict] = []
+
+    class Recorder(LLMClient):
+        def _send(self, body: dict) -> Answer:
+            bodies.append(body)
+            return Answer("", "length", 0, 0, cached=False)
+
+    cache = RequestCache(scratch / "record.sqlite")
+    client = Recorder(recipe.endpoint, cache)
+    try:
+        for item in job.items:
+            before = len(bodies)
+            run_item(job, item, client)
+            assert len(bodies) == before + 1, f"item {item.index} made {len(bodies) - before} requests, not 1"
+    finally:
+        client.close()
+        cache.close()
+    return bodies, [client.key(b) for b in bodies]
+
+
+def bench_raw_requests(server: Server, bodies: list[dict], concurrency: int) -> dict:
+    """`bodies` POSTed to /completions by `concurrency` threads taking them from one shared queue."""
+    barrier = threading.Barrier(concurrency + 1)
+    lock = threading.Lock()
+    todo = iter(enumerate(bodies))
+    answers: list[dict | None] = [None] * len(bodies)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            with httpx.Client(base_url=server.base_url, timeout=600) as http:
+                barrier.wait()
+                while True:
+                    with lock:
+                        nxt = next(todo, None)
+                    if nxt is None:
+                        return
+                    i, body = nxt
+                    resp = http.post("/completions", json=body)
+                    resp.raise_for_status()
+                    answers[i] = resp.json()
+        except BaseException as err:  # reported by the main thread
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    return {"requests": len(bodies), "seconds": round(seconds, 3),
+            "requests_per_s": round(len(bodies) / seconds, 3),
+            "completion_tokens": sum(a["usage"]["completion_tokens"] for a in answers),
+            "texts": [a["choices"][0]["text"] for a in answers]}
+
+
+# `phitrain synth ...` as `python -m phitrain` runs it, with `generate` (the generation phase of each
+# generator) wrapped in a timer whose spans go to the JSON file named by the first argument.
+TIMED_SYNTH = """
+import json, sys, time
+import phitrain.synth.run as run
+from phitrain.cli import main
+spans, generate = [], run.generate
+def timed(*args, **kwargs):
+    start = time.perf_counter()
+    try:
+        return generate(*args, **kwargs)
+    finally:
+        spans.append(time.perf_counter() - start)
+run.generate = timed
+status = main(sys.argv[2:])
+open(sys.argv[1], "w").write(json.dumps(spans))
+raise SystemExit(status)
+"""
+
+
+def bench_synth_run(server: Server, recipe_path: Path, out: Path) -> dict:
+    """`phitrain synth RECIPE --out OUT --quiet` in a subprocess (fresh OUT, so a fresh cache): the
+    generation phase's wall time, the run's own clock (diversity.json `seconds`) and the process's."""
+    before = server.stats()["requests"].get("/v1/completions", 0)
+    spans_path = out.with_name(out.name + "-generate.json")
+    cmd = [sys.executable, "-c", TIMED_SYNTH, str(spans_path), "synth", str(recipe_path), "--out", str(out), "--quiet"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"phitrain synth failed (status {proc.returncode}):\n{proc.stderr[-4000:]}")
+    served = server.stats()["requests"].get("/v1/completions", 0) - before
+    summary = json.loads((out / "diversity.json").read_text())
+    totals, gen = summary["totals"], summary["generators"]["textbook"]
+    items = gen["kept"] + gen["rejected"]
+    (generate_seconds,) = json.loads(spans_path.read_text())
+    return {"items": items, "sent": totals["sent"], "served": served, "cache_hits": totals["cache_hits"],
+            "retries": totals["retries"], "generate_seconds": round(generate_seconds, 3),
+            "run_seconds": summary["seconds"], "process_seconds": round(wall, 3),
+            "items_per_s": round(items / generate_seconds, 3), "run_items_per_s": round(items / summary["seconds"], 3),
+            "process_items_per_s": round(items / wall, 3), "completion_tokens": totals["completion_tokens"]}
+
+
+def bench_synth_overhead(server: Server, scratch: Path, args, say=print) -> dict:
+    """Raw requests/s and synth items/s over the same requests, alternated `args.synth_repeats` times."""
+    import sqlite3
+    import statistics
+
+    import yaml
+
+    recipe_data = synth_recipe(server, args)
+    recipe_path = scratch / "synth-recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe_data, sort_keys=False))
+    bodies, keys = synth_request_bodies(recipe_data, scratch)
+    raw_runs, synth_runs = [], []
+    same_text = mismatched_keys = 0
+    for r in range(args.synth_repeats):
+        say(f"synth overhead {r + 1}/{args.synth_repeats}: raw {len(bodies)} requests x {args.synth_concurrency} "
+            "threads ...")
+        raw = bench_raw_requests(server, bodies, args.synth_concurrency)
+        say(f"synth overhead {r + 1}/{args.synth_repeats}: phitrain synth {args.synth_items} items ...")
+        out = scratch / f"synth-{r}"
+        run = bench_synth_run(server, recipe_path, out)
+        assert run["items"] == args.synth_items and run["sent"] == run["served"] == len(bodies), run
+        assert run["cache_hits"] == 0 and run["retries"] == 0, run
+        with sqlite3.connect(out / "cache.sqlite") as db:
+            cached = dict(db.execute("SELECT key, text FROM answers"))
+        mismatched_keys += len(set(cached) ^ set(keys))     # synth sent exactly the bodies replayed raw
+        same_text += sum(cached.get(k) == t for k, t in zip(keys, raw.pop("texts")))
+        raw_runs.append(raw)
+        synth_runs.append(run)
+    raw_rate = statistics.median(r["requests_per_s"] for r in raw_runs)
+    synth_rate = statistics.median(r["items_per_s"] for r in synth_runs)
+    run_rate = statistics.median(r["run_items_per_s"] for r in synth_runs)
+    process_rate = statistics.median(r["process_items_per_s"] for r in synth_runs)
+    return {"items": args.synth_items, "max_tokens": args.synth_max_tokens, "concurrency": args.synth_concurrency,
+            "raw_runs": raw_runs, "synth_runs": synth_runs,
+            "raw_requests_per_s": round(raw_rate, 3), "synth_items_per_s": round(synth_rate, 3),
+            "synth_run_items_per_s": round(run_rate, 3), "synth_process_items_per_s": round(process_rate, 3),
+            "synth_overhead_ratio": round(synth_rate / raw_rate, 3),
+            "synth_run_ratio": round(run_rate / raw_rate, 3), "synth_process_ratio": round(process_rate / raw_rate, 3),
+            "request_keys_mismatched": mismatched_keys,
+            "same_text": f"{same_text}/{len(bodies) * args.synth_repeats}",
+            "completion_tokens_raw": [r["completion_tokens"] for r in raw_runs],
+            "completion_tokens_synth": [r["completion_tokens"] for r in synth_runs]}
+
+
 def main(argv=None) -> dict:
     from rich.console import Console
     from rich.table import Table
@@ -168,6 +370,7 @@ def main(argv=None) -> dict:
             for clients in args.clients:
                 console.print(f"{clients} client(s) ...")
                 rows.append(bench_throughput(server, prompts, clients, args))
+            synth = bench_synth_overhead(server, Path(tmp), args, console.print) if args.synth_items > 0 else None
 
     base = rows[0]["tokens_per_s"]
     table = Table(title="phitrain serve: generated tokens/s (higher is better)")
@@ -186,6 +389,30 @@ def main(argv=None) -> dict:
         record["meets_goal"] = ratio >= GOAL
         color = "green" if ratio >= GOAL else "red"
         console.print(f"16 clients / 1 client: [{color}]{ratio:.2f}x[/] (goal >= {GOAL:.0f}x)")
+    if synth is not None:
+        table = Table(title=f"synth client overhead: {synth['items']} items x {synth['max_tokens']} tokens, "
+                            f"concurrency {synth['concurrency']} (higher is better)")
+        for col in ("run", "raw req/s", "synth items/s", "+ writing", "whole process", "tokens raw/synth"):
+            table.add_column(col, justify="right")
+        for i, (raw, run) in enumerate(zip(synth["raw_runs"], synth["synth_runs"]), 1):
+            table.add_row(str(i), f"{raw['requests_per_s']:.2f}", f"{run['items_per_s']:.2f}",
+                          f"{run['run_items_per_s']:.2f}", f"{run['process_items_per_s']:.2f}",
+                          f"{raw['completion_tokens']}/{run['completion_tokens']}")
+        table.add_row("median", f"{synth['raw_requests_per_s']:.2f}", f"{synth['synth_items_per_s']:.2f}",
+                      f"{synth['synth_run_items_per_s']:.2f}", f"{synth['synth_process_items_per_s']:.2f}", "")
+        console.print(table)
+        same = synth["completion_tokens_raw"] == synth["completion_tokens_synth"]
+        console.print(f"same requests: {'yes' if synth['request_keys_mismatched'] == 0 else 'NO'} (cache keys); "
+                      f"completion tokens {'equal' if same else '[red]DIFFER[/]'}; answer texts equal "
+                      f"{synth['same_text']}")
+        ratio = synth["synth_overhead_ratio"]
+        color = "green" if ratio >= SYNTH_GOAL else "red"
+        console.print(f"synth items/s (generation) / raw requests/s: [{color}]{ratio:.3f}[/] (goal >= {SYNTH_GOAL}); "
+                      f"incl. writing outputs and statistics: {synth['synth_run_ratio']:.3f}; whole process: "
+                      f"{synth['synth_process_ratio']:.3f}")
+        record["synth_overhead"] = synth
+        record.update(synth_items_per_s=synth["synth_items_per_s"], raw_requests_per_s=synth["raw_requests_per_s"],
+                      synth_overhead_ratio=ratio, synth_goal=SYNTH_GOAL, synth_meets_goal=ratio >= SYNTH_GOAL)
     print(json.dumps(record), flush=True)
     return record
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import random
 import re
 import urllib.error
 import urllib.request
@@ -183,8 +182,10 @@ class QualityModel:
         stratify = y if min(positive, len(y) - positive) >= 2 else None
         tr_x, te_x, tr_y, te_y = train_test_split(x, y, test_size=cfg.test_fraction, random_state=self.seed,
                                                   stratify=stratify)
-        self.clf = RandomForestClassifier(n_estimators=cfg.n_estimators, random_state=self.seed, n_jobs=1)
+        # fitting is one task (all cores); scoring runs inside the filter stage's parallel tasks (one core)
+        self.clf = RandomForestClassifier(n_estimators=cfg.n_estimators, random_state=self.seed, n_jobs=-1)
         self.clf.fit(self.features(tr_x), tr_y)
+        self.clf.set_params(n_jobs=1)
         self.summary["heldout_accuracy"] = float(self.clf.score(self.features(te_x), te_y))
         return self
 

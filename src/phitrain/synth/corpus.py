@@ -11,8 +11,6 @@ from __future__ import annotations
 import ast
 import fnmatch
 import glob
-import gzip
-import json
 import sysconfig
 import warnings
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from phitrain.errors import PhitrainError
+from phitrain.files import iter_jsonl
 from phitrain.synth.config import CodeCorpusConfig, CorpusConfig
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "idlelib", "turtledemo"}
@@ -89,21 +88,18 @@ def _records(path: Path, field: str, where: str) -> Iterator[tuple[str, dict]]:
         for i, rec in enumerate(table.to_pylist()):
             yield f"{path}:row {i}", rec
         return
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise PhitrainError(f"{where}: {path}:{number}: not valid JSON ({err.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                    raise PhitrainError(f"{where}: {path}:{number}: needs a string field {field!r}")
-                yield f"{path}:{number}", rec
-    except (OSError, UnicodeDecodeError, EOFError) as err:
-        raise PhitrainError(f"{where}: {path}: cannot read: {err}") from None
+    records = iter_jsonl(path)
+    while True:
+        try:
+            item = next(records, None)
+        except PhitrainError as err:   # phitrain's strict JSONL reader names the file and line
+            raise PhitrainError(f"{where}: {err}") from None
+        if item is None:
+            return
+        number, rec = item
+        if not isinstance(rec.get(field), str):
+            raise PhitrainError(f"{where}: {path}:{number}: needs a string field {field!r}")
+        yield f"{path}:{number}", rec
 
 
 def _read_text(path: Path) -> str | None:
