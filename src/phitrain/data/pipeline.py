@@ -257,9 +257,10 @@ def run_stages(recipe: DataRecipe, stages, out: Path, progress: bool) -> dict[st
         todo = len(ex.get_incomplete_ranks())
         t = time.time()
         ex.run()
-        counts[name] = {"tasks": tasks, "ran": todo, "skipped": tasks - todo}
+        seconds = round(time.time() - t, 2)
+        counts[name] = {"tasks": tasks, "ran": todo, "skipped": tasks - todo, "seconds": seconds}
         if progress and recipe.executor.kind != "slurm":
-            print(f"  {name:<14} {tasks:>4} tasks ({tasks - todo} already done)  {time.time() - t:6.1f} s",
+            print(f"  {name:<14} {tasks:>4} tasks ({tasks - todo} already done)  {seconds:6.1f} s",
                   file=sys.stderr, flush=True)
     return counts
 
