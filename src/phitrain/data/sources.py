@@ -274,6 +274,9 @@ class SourceReader(Accounting, BaseDiskReader):
                     url = record.rec_headers.get_header("WARC-Target-URI") or f"{path}#{records}"
                     ctype = (record.http_headers.get_header("Content-Type") or "") if record.http_headers else ""
                     body = record.content_stream().read()
+                    if getattr(record.raw_stream, "limit", 0):   # warcio returns a cut-off record's partial body
+                        self.reject("corrupt", f"{path}#{records}", f"{url}: record cut short")
+                        continue
                     if "html" not in ctype.lower():
                         self.reject("not_html", url, ctype or "no content type")
                         continue

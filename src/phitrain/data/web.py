@@ -9,11 +9,15 @@ DataTrove's own `LanguageFilter` downloads a fastText model at run time, which o
 
 from __future__ import annotations
 
+import re
+
 from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.extractors import Trafilatura
 from datatrove.pipeline.filters.base_filter import BaseFilter
 
 from phitrain.config import DataSourceConfig, WebConfig
 from phitrain.data.accounting import Accounting
+from phitrain.errors import PhitrainError
 
 
 class LanguageFilter(BaseFilter):
@@ -40,21 +44,61 @@ class LanguageFilter(BaseFilter):
         return (True, None) if prob >= self.threshold else (False, "language_score")
 
 
+_LINK = re.compile(r"!?\[((?:[^\[\]]|\\[\[\]])*)\]\(([^()\s]*(?:\([^()\s]*\))?[^()\s]*)\)")
+_TABLE_RULE = re.compile(r"^[\s|:\-]*$")
+_ESCAPED = re.compile(r"\\([\\`*_{}\[\]()#+\-.!|<>])")
+
+
+def clean_main_text(markdown: str, max_link_density: float = 0.5) -> str:
+    """Plain text from trafilatura's markdown (links kept, so navigation can be recognised): a line whose
+    characters are mostly link text is navigation (link density, the signal of jusText and boilerpipe:
+    menus, breadcrumbs, "related topics" lists, index bars) and is dropped; table rules and empty cells
+    go; links, emphasis, code fences and escapes become their plain text."""
+    out = []
+    for line in markdown.splitlines():
+        if _TABLE_RULE.match(line):
+            continue
+        linked = sum(len(m.group(1)) for m in _LINK.finditer(line))
+        plain = _LINK.sub(lambda m: m.group(1), line)
+        cells = [c.strip() for c in plain.split(" | ")] if "|" in plain else [plain]
+        plain = " ".join(c.strip("| ").strip() for c in cells if c.strip("| ").strip())
+        plain = _ESCAPED.sub(r"\1", plain.replace("**", "").replace("```", "")).strip()
+        if not plain or (linked and linked >= max_link_density * len(plain.replace(" ", ""))):
+            continue
+        out.append(plain)
+    return "\n".join(out)
+
+
+class MainText(Trafilatura):
+    """DataTrove's trafilatura extractor, asked for markdown with links, then `clean_main_text`."""
+
+    name = "⛏ main text"
+
+    def extract(self, text: str) -> str:
+        return clean_main_text(super().extract(text) or "")
+
+
 def web_steps(cfg: WebConfig) -> list[tuple[str, PipelineStep]]:
-    """(tag, step) in the order they run; the tag names a step's unlabelled drops in the stats."""
-    from datatrove.pipeline.extractors import Trafilatura
+    """(tag, step) in the order they run; the tag names a step's unlabelled drops in the stats. An
+    unknown `gopher`/`fineweb` override is one clear error."""
     from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
 
     steps: list[tuple[str, PipelineStep]] = [
-        ("no_main_text", Trafilatura(favour_precision=True, timeout=cfg.extract_timeout_s)),
+        ("no_main_text", MainText(favour_precision=True, timeout=cfg.extract_timeout_s, output_format="markdown",
+                                  include_links=True, include_tables=cfg.include_tables)),
         ("language", LanguageFilter(cfg.languages, cfg.language_threshold)),
     ]
     if cfg.gopher_repetition:
         steps.append(("gopher_repetition", GopherRepetitionFilter()))
-    if cfg.gopher_quality:
-        steps.append(("gopher_quality", GopherQualityFilter(min_doc_words=cfg.min_words)))
-    if cfg.fineweb_quality:
-        steps.append(("fineweb_quality", FineWebQualityFilter()))
+    for enabled, field, tag, cls, base in ((cfg.gopher_quality, "gopher", "gopher_quality", GopherQualityFilter,
+                                            {"min_doc_words": cfg.min_words}),
+                                           (cfg.fineweb_quality, "fineweb", "fineweb_quality", FineWebQualityFilter, {})):
+        if not enabled:
+            continue
+        try:
+            steps.append((tag, cls(**{**base, **getattr(cfg, field)})))
+        except TypeError as err:
+            raise PhitrainError(f"web.{field}: {err} (see DataTrove's {cls.__name__} for its arguments)") from None
     return steps
 
 
