@@ -178,7 +178,7 @@ def main(argv=None) -> dict:
     n_params = sum(p.numel() for p in ours.parameters())
     console = Console(stderr=False)
     console.print(f"[bold]model_speed[/]: {cfg.block} block, hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
-                  f"{cfg.num_heads}/{cfg.kv_heads} heads, vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params; "
+                  f"{cfg.num_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params; "
                   f"device {args.device}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
                   f"transformers {transformers.__version__}; best of {args.reps} alternating reps")
 

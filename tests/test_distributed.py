@@ -14,6 +14,7 @@ gcc (one to three minutes, cached in ~/.cache/torch_extensions afterwards).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,9 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from phitrain.checkpoint import load_checkpoint
+from phitrain.checkpoint import COMPLETE, complete_checkpoints, load_checkpoint
 from phitrain.config import DataRecipe, StageConfig
-from phitrain.train.checkpoint import COMPLETE, complete_checkpoints
 from phitrain.train.metrics import read_metrics
 
 TINY = dict(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=2, rotary_dim=16, vocab_size=320,
@@ -49,7 +49,7 @@ def recipe(tmp_path_factory) -> Path:
                      "paths": [str(Path(json.__file__).parent), str(Path(email.__file__).parent)]}],
         "dedup": {"near": False}, "quality": {"enabled": False}, "decontam": {"enabled": False},
         "exercises": {"enabled": False}, "tokenizer": {"vocab_size": 300},
-        "shards": {"workers": 1, "val_fraction": 0.1},
+        "shards": {"val_fraction": 0.1}, "executor": {"workers": 1},
     }), root / "data", progress=False)
     stage = dict(name="pretrain", model="phi-1-tiny", model_overrides=TINY,
                  data={"data_dir": str(root / "data"), "sources": [{"path": "code", "weight": 1.0}]},
@@ -212,30 +212,70 @@ def _workers(launcher_pid: int) -> dict[int, int]:
     return found
 
 
-def test_killed_rank_fails_the_job_clearly_and_rerun_resumes(recipe, tmp_path):
-    run = tmp_path / "killed"
-    steps = 120
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "phitrain",
-            "train", str(recipe), "--run-dir", str(run), "--set", "parallel.strategy=ddp",
-            "--set", f"stages.0.max_steps={steps}", "--set", "stages.0.save_every=10"]
-    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ckpts = run / "pretrain" / "checkpoints"
-    deadline = time.time() + 300
-    while not complete_checkpoints(ckpts):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+def _wait_exited(pid: int, timeout: float) -> bool:
+    """Whether process `pid` exits (or is a zombie nobody reaped yet) within `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state in ("Z", "X"):
+            return True
         time.sleep(0.05)
-    os.kill(_workers(proc.pid)[1], signal.SIGKILL)
-    out, _ = proc.communicate(timeout=300)
+    return False
+
+
+def _rank_output(log_dir: Path, rank: int) -> str:
+    """What one worker wrote to stdout and stderr (torchrun --log-dir ... --redirects 3)."""
+    [attempt] = log_dir.glob(f"*/attempt_0/{rank}")
+    return (attempt / "stdout.log").read_text() + (attempt / "stderr.log").read_text()
+
+
+LOST_CONTACT = re.compile(r"^error: rank 0: lost contact with another rank \(.+\): a process died or a node was lost, "
+                          r"so the job stops\. Re-run the same command to resume from (\S+)$", re.MULTILINE)
+
+
+def test_killed_rank_fails_the_job_clearly_and_rerun_resumes(recipe, tmp_path):
+    run, logs = tmp_path / "killed", tmp_path / "logs"
+    steps = 120
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = ["-m", "phitrain", "train", str(recipe), "--run-dir", str(run), "--set", "parallel.strategy=ddp",
+               "--set", f"stages.0.max_steps={steps}", "--set", "stages.0.save_every=10"]
+    launcher_out = tmp_path / "torchrun.out"
+    with launcher_out.open("w") as out_file:
+        # each worker's output in its own files, so the survivor's is checked on its own
+        proc = subprocess.Popen([*torchrun, "--log-dir", str(logs), "--redirects", "3", *command], env=ENV,
+                                stdout=out_file, stderr=subprocess.STDOUT, text=True)
+        ckpts = run / "pretrain" / "checkpoints"
+        deadline = time.time() + 300
+        while not complete_checkpoints(ckpts):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.05)
+        workers = _workers(proc.pid)
+        # torchrun stops the remaining workers as soon as it notices one died, which can be before the survivor
+        # reaches its next collective; a user would still see the survivor's message in most runs, a test must
+        # in every run, so torchrun is paused until the survivor has reported and exited on its own.
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            os.kill(workers[1], signal.SIGKILL)
+            survivor_exited = _wait_exited(workers[0], timeout=180)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.wait(timeout=300)
+    out = launcher_out.read_text()
     assert proc.returncode != 0
-    # torchrun names the dead rank; the surviving rank says what happened and how to continue (when it
-    # gets to report before torchrun stops it)
-    assert "rank      : 1" in out and "Signal 9 (SIGKILL)" in out, out[-4000:]
-    if "lost contact" in out:
-        assert "Re-run the same command to resume from" in out
+    assert "rank      : 1" in out and "Signal 9 (SIGKILL)" in out, out[-4000:]   # torchrun names the dead rank
+    survivor = _rank_output(logs, 0)
+    assert survivor_exited, survivor[-4000:]
+    # the surviving rank says what happened and how to continue, in one line and without a traceback
     last_step, last_dir = complete_checkpoints(ckpts)[-1]
+    found = LOST_CONTACT.findall(survivor)
+    assert found == [str(last_dir)], survivor[-4000:]
+    assert "Traceback" not in survivor, survivor[-4000:]
     assert last_step < steps
 
-    again = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
+    again = subprocess.run([*torchrun, *command], env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
     assert f"resuming from {last_dir} (step {last_step})" in again.stdout
     records = [r["step"] for r in read_metrics(run / "pretrain" / "metrics.jsonl") if "loss" in r]

@@ -27,7 +27,7 @@ def checkpoint(tmp_path_factory):
 
     texts = [inspect.getsource(m) for m in (json, random, textwrap)]
     tokenizer = train_bpe(iter(texts), vocab_size=400)
-    cfg = get_preset("phi-1-tiny").model_copy(update={
+    cfg = get_preset("phi-1-tiny", **{
         "vocab_size": 448, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4,
         "rotary_dim": 8, "max_position_embeddings": 64, "attn_pdrop": 0.0, "resid_pdrop": 0.0})
     torch.manual_seed(0)

@@ -36,11 +36,11 @@ def hf_native_config(cfg):
     names (not through phitrain's `to_hf_config`), so the import direction tests our reading of them."""
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                   intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-                  num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
+                  num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
                   max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
                   tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if cfg.block == "parallel":
-        return transformers.PhiConfig(**common, partial_rotary_factor=cfg.rotary_dims / cfg.head_dim,
+        return transformers.PhiConfig(**common, partial_rotary_factor=cfg.rotary_dim / cfg.head_dim,
                                       qk_layernorm=cfg.qk_layernorm, layer_norm_eps=cfg.norm_eps)
     return transformers.Phi3Config(**common, rms_norm_eps=cfg.norm_eps)
 
@@ -52,8 +52,9 @@ def hf_model_from_phitrain(model, tmp_path):
 
 
 def effective(cfg) -> dict:
-    """The config's meaning: None defaults (kv heads = heads, rotary dim = head dim) made explicit."""
-    return {**cfg.model_dump(exclude={"name"}), "num_kv_heads": cfg.kv_heads, "rotary_dim": cfg.rotary_dims}
+    """The config's meaning, without its name (defaults such as num_kv_heads = num_heads are filled in at
+    validation, so a config built with them equals one that states them)."""
+    return cfg.model_dump(exclude={"name"})
 
 
 def random_ids(cfg, shape, seed=0):

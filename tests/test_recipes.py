@@ -26,7 +26,7 @@ def test_phi1_base_matches_paper():
     # the released phi-1-base is the 24,000-step checkpoint: "a little over 50B total training tokens"
     assert 50e9 < s.tokens_per_step * 24000 < 51e9
     cfg = get_preset(s.model)
-    assert cfg.attn_pdrop == 0.1 and cfg.resid_pdrop == 0.1 and cfg.rotary_dims == 32
+    assert cfg.attn_pdrop == 0.1 and cfg.resid_pdrop == 0.1 and cfg.rotary_dim == 32
     assert 1.3e9 < count_params(cfg)["total"] < 1.45e9
     assert r.parallel.strategy == "deepspeed"
 
@@ -60,7 +60,7 @@ def test_phi4_pretrain_and_midtrain_match_report():
     mix = {src.path: src.weight for src in mid.data.sources}
     assert mix["long_context"] == pytest.approx(0.30) and sum(mix.values()) == pytest.approx(1.0)
     cfg = get_preset("phi-4")
-    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.vocab_size) == (40, 5120, 40, 10, 100352)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (40, 5120, 40, 10, 100352)
     assert 14.0e9 < count_params(cfg)["total"] < 14.8e9
 
 

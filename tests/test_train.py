@@ -17,11 +17,10 @@ import pytest
 import torch
 import yaml
 
-from phitrain.checkpoint import load_checkpoint
+from phitrain.checkpoint import COMPLETE, complete_checkpoints, load_checkpoint
 from phitrain.config import DataRecipe, RecipeConfig
 from phitrain.data.pipeline import prepare
 from phitrain.model.phi import PhiModel
-from phitrain.train.checkpoint import COMPLETE, complete_checkpoints
 from phitrain.train.metrics import read_metrics
 from phitrain.train.recipe import resolve_tokenizer, run_recipe
 from phitrain.train.trainer import build_model
@@ -46,7 +45,7 @@ def data_dir(tmp_path_factory) -> Path:
         "quality": {"enabled": False},
         "decontam": {"enabled": False},
         "tokenizer": {"train": True, "vocab_size": 512},
-        "shards": {"workers": 1, "val_fraction": 0.1},
+        "shards": {"val_fraction": 0.1}, "executor": {"workers": 1},
     })
     prepare(recipe, out, progress=False)
     return out

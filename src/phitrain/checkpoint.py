@@ -1,58 +1,41 @@
-"""Model checkpoints: a directory holding `model.safetensors`, `config.yaml` and `tokenizer/`.
+"""Checkpoints: one directory format for every producer and consumer (DESIGN.md "Conventions").
 
-This is the format every consumer reads (generate, eval, convert, the next training stage). The trainer's
-checkpoints (`phitrain.train.checkpoint`) are the same directory plus `trainer_state.pt` and a `COMPLETE`
-marker. Directories are written next to their destination and renamed into place, so a crash never
-leaves a half-written checkpoint under the final name.
+A model checkpoint is a directory holding `model.safetensors`, `config.yaml` and `tokenizer/`; it is what
+every consumer reads (generate, eval, convert, serve, the next training stage). A training checkpoint
+(`RUN/<stage>/checkpoints/step-NNNNNN/`) is the same directory plus `trainer_state.pt` (optimizer,
+scheduler, grad scaler, data loader position, every RNG state, counters: everything an exact resume
+needs), the sharded state of FSDP2 (`dcp/`) or DeepSpeed (`deepspeed/`) runs, which every rank writes, and a
+`COMPLETE` marker written last. Directories are assembled under a temporary sibling name and renamed
+into place (`phitrain.files.atomic_directory`), so a process killed at any instant leaves either no
+`step-N` directory or a complete one; leftovers of interrupted writes (hidden `.step-staging-*`) are
+removed at the next start (`clean_partial`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
+import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
 
+import numpy as np
 import torch
 
 from phitrain.config import ModelConfig, dump_yaml, load_yaml
 from phitrain.errors import PhitrainError
+from phitrain.files import atomic_directory
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
+STATE_FILE = "trainer_state.pt"
+COMPLETE = "COMPLETE"
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
-def replace_directory(staging: Path, path: Path) -> None:
-    """Rename the finished `staging` directory to `path` in one step.
-
-    An existing `path` is moved aside first and deleted only after the new one is in place, so at every
-    instant either the old or the new complete directory exists under the final name.
-    """
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        os.replace(path, old)
-    os.replace(staging, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path` (see `replace_directory`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        replace_directory(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
+# ---- model checkpoints ---------------------------------------------------------------------------
 
 def write_model_files(directory: str | os.PathLike, model, tokenizer=None) -> None:
     """Write weights, config and tokenizer into an existing directory (no atomicity: callers provide it)."""
@@ -139,3 +122,87 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
 
         tokenizer = load_tokenizer(directory / TOKENIZER_DIR)
     return model, tokenizer
+
+
+# ---- training checkpoints ------------------------------------------------------------------------
+
+def step_dir(checkpoints: Path, step: int) -> Path:
+    return checkpoints / f"step-{step:06d}"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def new_staging_dir(checkpoints: Path) -> Path:
+    """An empty hidden directory next to the checkpoints. Distributed saves share one (rank 0 makes it
+    and broadcasts its name): every rank writes its shards into it before rank 0 finishes it."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".step-staging-", dir=checkpoints))
+
+
+def finish_train_checkpoint(staging: Path, checkpoints: Path, step: int, model, tokenizer,
+                            trainer_state: dict) -> Path:
+    """Add model files, trainer_state.pt and COMPLETE (last) to `staging`, then rename it to step-N, so at
+    every instant a complete step-N exists or none does. `model` is the plain module with full weights."""
+    target = step_dir(checkpoints, step)
+    with atomic_directory(target, staging=staging) as tmp:
+        write_model_files(tmp, model, tokenizer)
+        torch.save(trainer_state, tmp / STATE_FILE)
+        _fsync_write(tmp / COMPLETE, f"step {step}\n")
+    return target
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def complete_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete checkpoint, oldest first."""
+    if not checkpoints.is_dir():
+        return []
+    found = []
+    for d in checkpoints.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and (d / COMPLETE).is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def clean_partial(checkpoints: Path) -> int:
+    """Remove temporary or incomplete checkpoint directories left by a crash; returns how many."""
+    if not checkpoints.is_dir():
+        return 0
+    removed = 0
+    for d in checkpoints.iterdir():
+        if d.is_dir() and (d.name.startswith(".") or (_STEP_DIR.match(d.name) and not (d / COMPLETE).is_file())):
+            shutil.rmtree(d, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def load_trainer_state(directory: Path) -> dict:
+    # weights_only=False: the state holds numpy/python RNG tuples; the file is our own, written above.
+    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def prune(checkpoints: Path, keep_last: int, keep: set[int] = frozenset()) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (and those whose step is in `keep`)."""
+    ckpts = complete_checkpoints(checkpoints)
+    for step, d in ckpts[: max(0, len(ckpts) - keep_last)]:
+        if step not in keep:
+            shutil.rmtree(d, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from phitrain.device import DEVICE_HELP
 from phitrain.errors import PhitrainError
 
 
@@ -92,6 +93,21 @@ def _convert_to_hf(args: argparse.Namespace) -> None:
     print(f"wrote transformers model {export_hf(args.ckpt_dir, args.hf_dir)}")
 
 
+def _checkpoint_consolidate(args: argparse.Namespace) -> None:
+    from phitrain.train.consolidate import consolidate_checkpoint
+
+    print(f"wrote {consolidate_checkpoint(args.ckpt_dir)}")
+
+
+def _add_checkpoint(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("checkpoint", help="work on training checkpoints")
+    s = p.add_subparsers(dest="checkpoint_cmd", required=True)
+    c = s.add_parser("consolidate", help="write CKPT/model.safetensors from an FSDP checkpoint's sharded dcp/ "
+                                         "state, one tensor in memory at a time")
+    c.add_argument("ckpt_dir")
+    c.set_defaults(func=_checkpoint_consolidate)
+
+
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert checkpoints to and from transformers (PhiForCausalLM / Phi3ForCausalLM)")
     s = p.add_subparsers(dest="convert_cmd", required=True)
@@ -106,9 +122,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import torch
-
     from phitrain.checkpoint import load_checkpoint
+    from phitrain.device import resolve_device
     from phitrain.model.generate import complete
 
     if args.max_new_tokens <= 0:
@@ -119,8 +134,7 @@ def _generate(args: argparse.Namespace) -> None:
         raise PhitrainError(f"--top-k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise PhitrainError(f"--top-p must be in (0, 1], got {args.top_p}")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_checkpoint(args.ckpt_dir, device=device)
+    model, tokenizer = load_checkpoint(args.ckpt_dir, device=resolve_device(args.device))
     if tokenizer is None:
         raise PhitrainError(f"{args.ckpt_dir}: checkpoint has no tokenizer/ directory to encode the prompt with")
     context = model.config.max_position_embeddings
@@ -142,7 +156,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="cut the completion before any of these")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=_generate)
 
 
@@ -193,7 +207,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     he.add_argument("--workers", type=int, default=None, help="programs run in parallel (default: CPU count)")
     he.add_argument("--memory-mb", type=int, default=4096, help="address-space limit per program")
     he.add_argument("--isolation", choices=["auto", "namespace", "hook"], default="auto")
-    he.add_argument("--device", default="cpu")
+    he.add_argument("--device", default="auto", help=DEVICE_HELP)
     he.set_defaults(func=_eval_humaneval)
     ll = s.add_parser("loglik", help="multiple-choice accuracy (acc, acc_norm) from a task JSONL")
     ll.add_argument("--checkpoint", required=True)
@@ -201,13 +215,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     ll.add_argument("--num-fewshot", type=int, default=0)
     ll.add_argument("--seed", type=int, default=1234, help="seed for drawing few-shot examples")
     ll.add_argument("--batch-size", type=int, default=16)
-    ll.add_argument("--device", default="cpu")
+    ll.add_argument("--device", default="auto", help=DEVICE_HELP)
     ll.set_defaults(func=_eval_loglik)
     pp = s.add_parser("ppl", help="held-out perplexity and bits per byte on text files")
     pp.add_argument("--checkpoint", required=True)
     pp.add_argument("inputs", nargs="+", help="text files or directories (*.txt, *.py, *.md)")
     pp.add_argument("--batch-size", type=int, default=8)
-    pp.add_argument("--device", default="cpu")
+    pp.add_argument("--device", default="auto", help=DEVICE_HELP)
     pp.set_defaults(func=_eval_ppl)
 
 
@@ -282,7 +296,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=32, help="most sequences decoded together "
                                                                    "(default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU that has it, else float32), "
                                                    "float32, bfloat16, float16")
     p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the path "
@@ -314,8 +328,8 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
 # ---- main ----------------------------------------------------------------------------------------
 
-_GROUPS = [_add_model, _add_train, _add_quickstart, _add_tokenizer, _add_convert, _add_generate, _add_eval, _add_data,
-           _add_serve, _add_synth]
+_GROUPS = [_add_model, _add_train, _add_quickstart, _add_tokenizer, _add_checkpoint, _add_convert, _add_generate,
+           _add_eval, _add_data, _add_serve, _add_synth]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,6 @@ The sections below are the model config (here), the data configs and the trainin
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -19,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from phitrain.errors import PhitrainError
+from phitrain.files import atomic_write_text
 
 C = TypeVar("C", bound="Config")
 
@@ -68,20 +68,6 @@ def load_yaml(cls: type[C], path: str | os.PathLike, overrides: list[str] | None
     data = read_yaml(path)
     apply_overrides(data, overrides or [])
     return validate(cls, data, str(path))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def dump_yaml(config: BaseModel, path: str | os.PathLike) -> None:
@@ -139,6 +125,11 @@ class ModelConfig(Config):
       everywhere including a biased, untied lm_head (phi-1 §2.3, after CodeGen).
     - "sequential" (phi-4; transformers `Phi3ForCausalLM`): pre-norm RMSNorm before attention and before
       the SwiGLU MLP, grouped-query attention with a fused qkv projection, no biases, full RoPE.
+
+    `num_kv_heads` (default: `num_heads`, no grouped-query attention) and `rotary_dim` (default: the whole
+    head, full RoPE) are filled in at validation, so a config — and the `config.yaml` it is saved as —
+    always states what the model does. A default follows later changes of `num_heads` / `hidden_size`
+    (assignments are validated); an explicitly given value stays as given.
     """
 
     name: str = "custom"
@@ -167,10 +158,15 @@ class ModelConfig(Config):
                 raise ValueError(f"{field} must be positive, got {getattr(self, field)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.num_heads % self.kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
-        if not 0 < self.rotary_dims <= self.head_dim or self.rotary_dims % 2:
-            raise ValueError(f"rotary_dim {self.rotary_dims} must be even and in (0, head_dim={self.head_dim}]")
+        # the fields are set through __dict__: a validated assignment here would re-enter this validator
+        if "num_kv_heads" not in self.model_fields_set or not self.num_kv_heads:
+            self.__dict__["num_kv_heads"] = self.num_heads
+        if "rotary_dim" not in self.model_fields_set or self.rotary_dim is None:
+            self.__dict__["rotary_dim"] = self.head_dim
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if not 0 < self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
+            raise ValueError(f"rotary_dim {self.rotary_dim} must be even and in (0, head_dim={self.head_dim}]")
         if self.qk_layernorm and self.block == "sequential":
             raise ValueError("qk_layernorm is a parallel-block (Phi) option; Phi3-style blocks have none")
         for field in ("embd_pdrop", "resid_pdrop", "attn_pdrop"):
@@ -181,15 +177,6 @@ class ModelConfig(Config):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.num_kv_heads or self.num_heads
-
-    @property
-    def rotary_dims(self) -> int:
-        """Rotated dims per head: `rotary_dim` if set, else the whole head (full RoPE)."""
-        return self.rotary_dim if self.rotary_dim is not None else self.head_dim
 
 
 # --------------------------------------------------------------------------------------------------
@@ -500,14 +487,21 @@ class ShardConfig(Config):
 class WebConfig(Config):
     """Heuristics for `web` sources after main-text extraction (Phi-4 §2 filters web data for quality;
     these are the Gopher (Rae et al. 2021) and FineWeb rules DataTrove implements). `languages`: keep
-    documents whose py3langid language is listed with at least `language_threshold` probability."""
+    documents whose py3langid language is listed with at least `language_threshold` probability.
+    `include_tables`: keep the text of HTML tables (documentation sites put their content in them;
+    navigation inside them is removed by link density either way).
+    `gopher` / `fineweb`: overrides of DataTrove's `GopherQualityFilter` / `FineWebQualityFilter`
+    arguments by name (e.g. `gopher: {max_non_alpha_words_ratio: 0.6}` for code-heavy documentation)."""
 
     languages: list[str] = ["en"]
     language_threshold: float = 0.65
+    include_tables: bool = True
     gopher_quality: bool = True
     gopher_repetition: bool = True
     fineweb_quality: bool = True
     min_words: int = 50
+    gopher: dict[str, float | int] = {}
+    fineweb: dict[str, float | int] = {}
     extract_timeout_s: float = 5.0
 
 

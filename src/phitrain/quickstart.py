@@ -1,8 +1,8 @@
 """`phitrain quickstart`: the whole phi-1 pipeline, end to end, on real data, on a CPU, in ~10 minutes.
 
-1. Data (phi-1 §2): the Python standard library's own source → cleaning → quality classifier →
-   dedup → decontamination against HumanEval → CodeExercises-style pairs → a BPE tokenizer trained on
-   the kept code → token shards (recipe `recipes/data-stdlib.yaml`, shipped inside the package).
+1. Data (phi-1 §2): the Python standard library's own source → cleaning → dedup → quality classifier
+   → decontamination against HumanEval → CodeExercises-style pairs → a BPE tokenizer trained on the
+   kept code → token shards (recipe `recipes/data-stdlib.yaml`, shipped inside the package).
 2. Pretrain a tiny phi-1-architecture model (parallel blocks, partial RoPE, dropout 0.1) on the code,
    then finetune it on the exercises at 10x lower LR (phi-1 §2.3's two stages).
 3. Evaluate: held-out loss before/after each stage, HumanEval pass@1 (greedy) in the sandbox.
@@ -22,7 +22,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from phitrain.config import DataRecipe, RecipeConfig, atomic_write_text, load_yaml
+from phitrain.config import DataRecipe, RecipeConfig, load_yaml
+from phitrain.files import atomic_write_text
 
 # Share of the time budget left after data preparation, per phase.
 PRETRAIN_SHARE, FINETUNE_SHARE = 0.65, 0.15

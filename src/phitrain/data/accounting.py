@@ -15,8 +15,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from phitrain.config import atomic_write_text
 from phitrain.errors import PhitrainError
+from phitrain.files import atomic_write_text
 
 # Reasons that mean "the input is malformed" (as opposed to a document we chose to filter). A strict
 # source raises on these instead of counting them.

@@ -24,10 +24,10 @@ from pathlib import Path
 
 from datatrove.pipeline.base import PipelineStep
 
-from phitrain.config import BenchmarkSetConfig, DecontamConfig, ExercisesConfig, atomic_write_text
+from phitrain.config import BenchmarkSetConfig, DecontamConfig, ExercisesConfig
 from phitrain.data.accounting import Accounting
 from phitrain.errors import PhitrainError
-from phitrain.files import iter_jsonl
+from phitrain.files import atomic_write_text, iter_jsonl
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _WORD = re.compile(r"\w+")

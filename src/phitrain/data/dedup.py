@@ -29,8 +29,9 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupCluster, MinhashDedupSignature
 from datatrove.utils.text import simplify_text
 
-from phitrain.config import DedupConfig, atomic_write_text
+from phitrain.config import DedupConfig
 from phitrain.data.accounting import Accounting
+from phitrain.files import atomic_path, atomic_write_bytes, atomic_write_text
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -85,13 +86,8 @@ class Signatures(MinhashDedupSignature):
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
         np.save(f, arr)
-    os.replace(tmp, path)
 
 
 class Clusters(MinhashDedupCluster):
@@ -150,9 +146,7 @@ class Clusters(MinhashDedupCluster):
                              "near": [list(m) for m in members if chash(m) != chash(root)]})
         self.out.mkdir(parents=True, exist_ok=True)
         for task, indices in removals.items():
-            tmp = self.out / f".{task:06d}.remove.tmp"
-            tmp.write_bytes(b"".join(struct.pack("<I", i) for i in sorted(indices)))
-            tmp.replace(self.out / f"{task:06d}.remove")
+            atomic_write_bytes(self.out / f"{task:06d}.remove", b"".join(struct.pack("<I", i) for i in sorted(indices)))
         atomic_write_text(self.out / "clusters.json", json.dumps(clusters))
         self.stat_update("clusters", value=len(clusters))
         return

@@ -45,7 +45,7 @@ from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupFi
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 
-from phitrain.config import DataRecipe, atomic_write_text
+from phitrain.config import DataRecipe
 from phitrain.data.accounting import drop_examples, merge_task_stats
 from phitrain.data.clean import Clean
 from phitrain.data.decontam import DecontaminateAndMine
@@ -56,6 +56,7 @@ from phitrain.data.shards import MANIFEST, ShardWriter, token_dtype
 from phitrain.data.sources import SourceReader
 from phitrain.data.web import WebFilters
 from phitrain.errors import PhitrainError
+from phitrain.files import atomic_path, atomic_write_text
 
 STATS_FILE = "stats.json"
 TOKENIZER_DIR = "tokenizer"
@@ -70,7 +71,11 @@ def in_val(text: str, fraction: float) -> bool:
 
 class TaskFile(JsonlReader):
     """Reads the one JSONL file a previous stage's task `rank` wrote (`NNNNN.jsonl`), so a stage with
-    the same task count sees exactly the documents, in the order, that its task of the same rank made."""
+    the same task count sees exactly the documents, in the order, that its task of the same rank made.
+    No `file_path` metadata: outputs must not depend on where the data directory is."""
+
+    def __init__(self, data_folder: str, **kwargs):
+        super().__init__(data_folder, add_file_path=False, **kwargs)
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         if self.data_folder.isfile(f"{rank:05d}.jsonl"):
@@ -236,6 +241,10 @@ def prepare(recipe: DataRecipe, out_dir: str | os.PathLike, *, progress: bool = 
             from phitrain.data.sources import list_files
 
             list_files(src)
+    if any(src.kind == "web" for src in recipe.sources):   # and on a bad web filter setting
+        from phitrain.data.web import web_steps
+
+        web_steps(recipe.web)
     stages = build_stages(recipe, out)
     t0 = time.time()
     skipped = run_stages(recipe, stages, out, progress)
@@ -309,9 +318,7 @@ def write_report(recipe: DataRecipe, out: Path) -> dict:
         atomic_write_text(out / name / MANIFEST, json.dumps(manifest, indent=1))
 
     if recipe.exercises.enabled:   # streamed: the pairs are never all in memory
-        target = out / "exercises.jsonl"
-        tmp = target.with_name(f".{target.name}.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
+        with atomic_path(out / "exercises.jsonl") as tmp, tmp.open("w", encoding="utf-8") as f:
             for path in sorted((work / "docs" / recipe.exercises.name).glob("*/*.jsonl"),
                                key=lambda p: (p.name, p.parent.name)):
                 with path.open(encoding="utf-8") as src:
@@ -320,7 +327,6 @@ def write_report(recipe: DataRecipe, out: Path) -> dict:
                         f.write(json.dumps({"prompt": rec["metadata"]["prompt"], "completion":
                                             rec["metadata"]["completion"], "source": rec["id"]},
                                            ensure_ascii=False) + "\n")
-        os.replace(tmp, target)
 
     reports = out / "reports"
     quality = None

@@ -29,6 +29,7 @@ from phitrain.config import QualityConfig
 from phitrain.data.accounting import Accounting
 from phitrain.data.decontam import functions, parse_python
 from phitrain.errors import PhitrainError
+from phitrain.files import atomic_write_bytes
 
 PROMPT = ("You label training data. Determine the educational value of the following file for a student "
           "whose goal is to learn basic coding concepts. Answer with one word: yes (it has educational "
@@ -199,11 +200,8 @@ class QualityModel:
     def save(self, path: Path) -> None:
         import pickle
 
-        tmp = path.with_name(f".{path.name}.tmp")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(pickle.dumps({"cfg": self.cfg.model_dump(), "seed": self.seed, "clf": self.clf,
-                                      "summary": self.summary}))
-        os.replace(tmp, path)
+        atomic_write_bytes(path, pickle.dumps({"cfg": self.cfg.model_dump(), "seed": self.seed, "clf": self.clf,
+                                               "summary": self.summary}))
 
     @classmethod
     def load(cls, path: Path) -> "QualityModel":

@@ -22,15 +22,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from datatrove.pipeline.base import PipelineStep
 
-from phitrain.config import atomic_write_text
 from phitrain.errors import PhitrainError
-from phitrain.files import read_json
+from phitrain.files import atomic_path, atomic_write_text, read_json
 
 MANIFEST = "manifest.json"
 _ENCODE_BATCH = 256  # documents per encode_batch call: bounds a worker's memory to a few MB of ids
@@ -42,21 +40,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def _atomic_save(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_npy(path: Path, arr: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as f:
-            np.save(f, arr)
-    _atomic_save(path, write)
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        np.save(f, arr)
 
 
 def _encode(tok, texts: list[str]) -> list[list[int]]:
@@ -98,22 +84,18 @@ def write_shard(docs_path: Path, out_dir: Path, index: int, tok) -> dict:
     ends: list[int] = []
     total = 0
 
-    def write(tmp: Path) -> None:
-        nonlocal total
-        with docs_path.open(encoding="utf-8") as src, tmp.open("wb") as out:
-            while True:
-                texts = [json.loads(line)["text"] for _, line in zip(range(_ENCODE_BATCH), src)]
-                if not texts:
-                    break
-                for ids in _encode(tok, texts):
-                    arr = np.empty(len(ids) + 1, dtype=dtype)
-                    arr[:-1] = ids
-                    arr[-1] = tok.eos_id
-                    arr.tofile(out)
-                    total += len(arr)
-                    ends.append(total)
-
-    _atomic_save(out_dir / f"{name}.bin", write)
+    with atomic_path(out_dir / f"{name}.bin") as tmp, docs_path.open(encoding="utf-8") as src, tmp.open("wb") as out:
+        while True:
+            texts = [json.loads(line)["text"] for _, line in zip(range(_ENCODE_BATCH), src)]
+            if not texts:
+                break
+            for ids in _encode(tok, texts):
+                arr = np.empty(len(ids) + 1, dtype=dtype)
+                arr[:-1] = ids
+                arr[-1] = tok.eos_id
+                arr.tofile(out)
+                total += len(arr)
+                ends.append(total)
     _write_npy(out_dir / f"{name}.idx.npy", np.asarray(ends, dtype=np.int64))
     record = {"file": f"{name}.bin", "index": f"{name}.idx.npy", "docs": len(ends), "tokens": int(total),
               "bytes": docs_path.stat().st_size, "input_sha256": input_sha, "tokenizer": tok.fingerprint}

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phitrain.config import atomic_write_text
 from phitrain.errors import PhitrainError
-from phitrain.files import iter_jsonl
+from phitrain.files import atomic_write_text, iter_jsonl
+from phitrain.progress import Progress
 from phitrain.eval.passk import mean_pass_at_k
 from phitrain.eval.sandbox import ExecResult, Program, Sandbox, SandboxConfig
 
@@ -111,14 +111,8 @@ def evaluate(problems: dict[str, dict[str, Any]], samples: list[dict[str, Any]],
             raise PhitrainError(f"unknown task_id {s['task_id']!r}")
     box = Sandbox(sandbox)
     programs = [to_program(problems[s["task_id"]], s["completion"]) for s in samples]
-    if progress:
-        from rich.progress import Progress
-
-        with Progress(transient=True) as bar:
-            task = bar.add_task("running tests", total=len(programs))
-            results = box.run(programs, progress=lambda: bar.advance(task))
-    else:
-        results = box.run(programs)
+    with Progress("running tests", len(programs), enabled=progress, transient=True) as bar:
+        results = box.run(programs, progress=bar.advance if progress else None)
     rows = [_row(s, r) for s, r in zip(samples, results)]
     per_task: dict[str, list[int]] = {}
     for row in rows:

@@ -152,13 +152,15 @@ def _stderr(xs: list[float]) -> float:
 
 
 def load_for_eval(checkpoint: str | os.PathLike, device: str = "cpu"):
-    """(model, tokenizer) from a checkpoint directory, with a clear error when it is missing/incomplete."""
+    """(model, tokenizer) from a checkpoint directory, with a clear error when it is missing/incomplete.
+    `device` is cpu, cuda, cuda:N or auto (cuda when there is one)."""
     from phitrain.checkpoint import load_checkpoint
+    from phitrain.device import resolve_device
 
     path = Path(checkpoint)
     if not path.is_dir():
         raise PhitrainError(f"checkpoint {path}: no such directory")
-    model, tokenizer = load_checkpoint(path, device=device)
+    model, tokenizer = load_checkpoint(path, device=resolve_device(device))
     if tokenizer is None:
         raise PhitrainError(f"checkpoint {path}: has no tokenizer/ directory; save it with its tokenizer")
     return model, tokenizer

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from phitrain.checkpoint import (atomic_directory, load_checkpoint, model_from_state, read_state_dict,
-                                 write_model_files)
-from phitrain.config import ModelConfig, atomic_write_text, validate
+from phitrain.checkpoint import load_checkpoint, model_from_state, read_state_dict, write_model_files
+from phitrain.config import ModelConfig, validate
 from phitrain.errors import PhitrainError
+from phitrain.files import atomic_directory, atomic_write_text
 
 ARCHITECTURES = {"parallel": ("PhiForCausalLM", "phi"), "sequential": ("Phi3ForCausalLM", "phi3")}
 
@@ -29,9 +29,9 @@ def to_hf_config(cfg: ModelConfig, eos_id: int | None = None) -> dict:
     """config.json for transformers. Rope settings are written both the transformers-4 way (top level)
     and the transformers-5 way (`rope_parameters`) so either version loads it."""
     arch, model_type = ARCHITECTURES[cfg.block]
-    factor = cfg.rotary_dims / cfg.head_dim
-    if int(cfg.head_dim * factor) != cfg.rotary_dims:
-        raise PhitrainError(f"rotary_dim {cfg.rotary_dims} of head_dim {cfg.head_dim} has no exact "
+    factor = cfg.rotary_dim / cfg.head_dim
+    if int(cfg.head_dim * factor) != cfg.rotary_dim:
+        raise PhitrainError(f"rotary_dim {cfg.rotary_dim} of head_dim {cfg.head_dim} has no exact "
                             "partial_rotary_factor in transformers")
     out = {
         "architectures": [arch],
@@ -41,7 +41,7 @@ def to_hf_config(cfg: ModelConfig, eos_id: int | None = None) -> dict:
         "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.kv_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
         "max_position_embeddings": cfg.max_position_embeddings,
         "rope_theta": cfg.rope_theta,
         "partial_rotary_factor": factor,
@@ -150,7 +150,7 @@ def _renames(cfg: ModelConfig) -> list[tuple[str, str]]:
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     out = {}
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     for i in range(cfg.num_layers):
         if cfg.block == "parallel":
             for p in ("weight", "bias"):

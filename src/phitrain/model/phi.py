@@ -25,7 +25,7 @@ from phitrain.config import ModelConfig
 # ---- rotary position embedding -------------------------------------------------------------------
 
 class RotaryEmbedding(nn.Module):
-    """RoPE (Su et al. 2021) over the first `rotary_dims` dims of each head, NeoX "rotate half" layout.
+    """RoPE (Su et al. 2021) over the first `rotary_dim` dims of each head, NeoX "rotate half" layout.
 
     phi-1 §2.3 uses rotary dimension 32 of a 64-dim head (after CodeGen); the remaining dims pass through
     unrotated. phi-4 rotates the whole head with base 250k after midtraining (Phi-4 report §3). The cos/sin
@@ -33,12 +33,12 @@ class RotaryEmbedding(nn.Module):
     transformers computes per call (`position * inv_freq`, then cos/sin).
     """
 
-    def __init__(self, rotary_dims: int, max_positions: int, theta: float):
+    def __init__(self, rotary_dim: int, max_positions: int, theta: float):
         super().__init__()
-        self.rotary_dims, self.max_positions, self.theta = rotary_dims, max_positions, theta
+        self.rotary_dim, self.max_positions, self.theta = rotary_dim, max_positions, theta
         # half-width tables: the two halves of NeoX-style RoPE share their angles
-        self.register_buffer("cos", torch.empty(max_positions, rotary_dims // 2), persistent=False)
-        self.register_buffer("sin", torch.empty(max_positions, rotary_dims // 2), persistent=False)
+        self.register_buffer("cos", torch.empty(max_positions, rotary_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, rotary_dim // 2), persistent=False)
         self.reset_tables()
 
     @torch.no_grad()
@@ -46,7 +46,7 @@ class RotaryEmbedding(nn.Module):
         """(Re)compute the tables; also needed after materialising a model built on the meta device."""
         if self.cos.is_meta:
             return
-        dim = self.rotary_dims
+        dim = self.rotary_dim
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         positions = torch.arange(self.max_positions, dtype=torch.int64).float()
         freqs = (positions[:, None] * inv_freq[None, :]).to(self.cos.device)
@@ -88,9 +88,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         bias = cfg.block == "parallel"
-        self.num_heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.attn_pdrop = cfg.attn_pdrop
-        self.qkv = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=bias)
+        self.qkv = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=bias)
         self.out_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias)
         if cfg.qk_layernorm:
             self.q_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
@@ -100,11 +100,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: "KVCache | None", layer_idx: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q_size, kv_size = self.num_heads * self.head_dim, self.kv_heads * self.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.kv_heads, self.head_dim)
-        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q.transpose(1, 2), cos, sin)
@@ -116,7 +116,7 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=mask is None and T > 1,  # without a mask, T > 1 only happens with no past
             dropout_p=self.attn_pdrop if self.training else 0.0,
-            enable_gqa=self.kv_heads != self.num_heads,
+            enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.out_proj(y.transpose(1, 2).reshape(B, T, q_size))
 
@@ -224,7 +224,7 @@ class PhiModel(nn.Module):
         self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.num_layers))
         self.final_norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.block == "parallel")
-        self.rope = RotaryEmbedding(cfg.rotary_dims, cfg.max_position_embeddings, cfg.rope_theta)
+        self.rope = RotaryEmbedding(cfg.rotary_dim, cfg.max_position_embeddings, cfg.rope_theta)
         self.init_weights()
 
     @torch.no_grad()
@@ -316,14 +316,14 @@ def _attention_mask(attention_mask, B, T, past, device) -> torch.Tensor | None:
 
 
 class KVCache:
-    """Preallocated keys/values for all layers: [layers, B, kv_heads, max_len, head_dim] each.
+    """Preallocated keys/values for all layers: [layers, B, num_kv_heads, max_len, head_dim] each.
 
     A static buffer (written in place, never concatenated) keeps decoding allocation-free. `length` is
     the number of positions filled; the model advances it after each forward.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (cfg.num_layers, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
+        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0

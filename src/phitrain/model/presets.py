@@ -68,7 +68,7 @@ def describe_presets(names: list[str] | None = None) -> list[dict]:
         n = count_params(cfg)
         rows.append({"preset": name, **cfg.model_dump(), **n})
         table.add_row(name, cfg.block, str(cfg.num_layers), str(cfg.hidden_size), str(cfg.intermediate_size),
-                      str(cfg.num_heads), str(cfg.kv_heads), str(cfg.head_dim), str(cfg.rotary_dims),
+                      str(cfg.num_heads), str(cfg.num_kv_heads), str(cfg.head_dim), str(cfg.rotary_dim),
                       f"{cfg.rope_theta:g}", str(cfg.vocab_size), str(cfg.max_position_embeddings),
                       f"{n['total']:,}", f"{n['non_embedding']:,}")
     console = Console()

@@ -314,13 +314,9 @@ def load_for_serving(source: str | Path, device: str = "auto", dtype: str = "aut
     import torch
 
     from phitrain.checkpoint import CONFIG_FILE, load_checkpoint
+    from phitrain.device import resolve_device
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise PhitrainError(f"--device {device}: no CUDA device is available (use cpu or auto)")
-    elif device != "cpu" and not device.startswith("cuda"):
-        raise PhitrainError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    device = resolve_device(device)
     if dtype not in _DTYPES:
         raise PhitrainError(f"--dtype {dtype}: expected one of {', '.join(_DTYPES)}")
     if dtype == "auto":

@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from phitrain.config import atomic_write_text
+from phitrain.files import atomic_write_text
 from phitrain.synth.config import ReportConfig
 
 _WORD = re.compile(r"\w+")

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
 
-from phitrain.config import atomic_write_text, dump_yaml
+from phitrain.config import dump_yaml
 from phitrain.errors import PhitrainError
 from phitrain.eval.sandbox import Sandbox
+from phitrain.files import atomic_path, atomic_write_text
+from phitrain.progress import Progress
 from phitrain.synth.client import LLMClient, RequestCache
 from phitrain.synth.config import (CodeReversalGenerator, LongGenerator, RewriteGenerator, SynthRecipe,
                                    TextbookGenerator, _Generator, _TopicsMixin)
@@ -146,21 +147,12 @@ def write_records(path: Path, rows: list[dict[str, Any]], fmt: str) -> None:
 
     table = pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.string()),
                                                               "text": pa.array([], pa.string())})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        pq.write_table(table, str(tmp))
 
 
 def run_synth(recipe: SynthRecipe, out_dir: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
     """Run every generator of the recipe into `out_dir`; returns the report's summary."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise PhitrainError(f"--out {out}: exists and is not a directory")
@@ -172,33 +164,30 @@ def run_synth(recipe: SynthRecipe, out_dir: str | os.PathLike, progress: bool = 
     sandbox = Sandbox(recipe.sandbox) if any(j.gen.kind in VERIFIED_KINDS for j in jobs) else None
     start = time.perf_counter()
     generators: dict[str, Any] = {}
-    console = Console(stderr=True)
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, disable=not progress) as bar:
-            for job in jobs:
-                gen = job.gen
-                task = bar.add_task(f"{gen.name} ({gen.kind})", total=len(job.items))
-                before = client.counters.snapshot()
-                drafts = generate(job, client, recipe.endpoint.concurrency, lambda: bar.advance(task))
-                if sandbox is not None:
-                    verify(drafts, sandbox)
-                kept = [record(job, d, recipe.endpoint.model) for d in drafts if d.kept]
-                rejected = [{**record(job, d, recipe.endpoint.model), "reason": d.reason} for d in drafts if not d.kept]
-                write_records(out / f"{gen.name}.{recipe.output.format}", kept, recipe.output.format)
-                rejected_path = out / "rejected" / f"{gen.name}.jsonl"
-                if rejected:
-                    write_records(rejected_path, rejected, "jsonl")
-                else:
-                    rejected_path.unlink(missing_ok=True)
-                after = client.counters.snapshot()
-                checked = [d for d in drafts if d.verification is not None]
-                verified = ((len(checked), sum(1 for d in checked if d.kept))
-                            if gen.kind in VERIFIED_KINDS else None)
-                generators[gen.name] = generator_report(
-                    gen.name, gen.kind, gen.n, kept, rejected, verified,
-                    {a: v for a, v in job.values.items()}, [job.variables(i) for i in job.items],
-                    {k: after[k] - before[k] for k in after}, recipe.report)
+        for job in jobs:
+            gen = job.gen
+            before = client.counters.snapshot()
+            with Progress(f"{gen.name} ({gen.kind})", len(job.items), enabled=progress) as bar:
+                drafts = generate(job, client, recipe.endpoint.concurrency, bar.advance)
+            if sandbox is not None:
+                verify(drafts, sandbox)
+            kept = [record(job, d, recipe.endpoint.model) for d in drafts if d.kept]
+            rejected = [{**record(job, d, recipe.endpoint.model), "reason": d.reason} for d in drafts if not d.kept]
+            write_records(out / f"{gen.name}.{recipe.output.format}", kept, recipe.output.format)
+            rejected_path = out / "rejected" / f"{gen.name}.jsonl"
+            if rejected:
+                write_records(rejected_path, rejected, "jsonl")
+            else:
+                rejected_path.unlink(missing_ok=True)
+            after = client.counters.snapshot()
+            checked = [d for d in drafts if d.verification is not None]
+            verified = ((len(checked), sum(1 for d in checked if d.kept))
+                        if gen.kind in VERIFIED_KINDS else None)
+            generators[gen.name] = generator_report(
+                gen.name, gen.kind, gen.n, kept, rejected, verified,
+                {a: v for a, v in job.values.items()}, [job.variables(i) for i in job.items],
+                {k: after[k] - before[k] for k in after}, recipe.report)
     finally:
         client.close()
         cache.close()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from phitrain.files import atomic_write_text
+
 # Dense (non-sparse) peak TFLOP/s by GPU name fragment and precision, from NVIDIA datasheets.
 GPU_PEAK_TFLOPS = {
     "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
@@ -71,9 +73,7 @@ class MetricsLogger:
         if path.exists():
             # Records written after the checkpoint we resume from describe steps that will run again.
             kept = [line for line in path.read_text().splitlines() if _step_of(line) <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(path)
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
         self.file = open(path, "a", encoding="utf-8")
         try:
             from torch.utils.tensorboard import SummaryWriter

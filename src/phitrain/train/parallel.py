@@ -347,6 +347,68 @@ class DeepSpeedEngine(Engine):
             raise PhitrainError(f"{path}: DeepSpeed could not load its checkpoint (tag {DEEPSPEED_TAG!r})")
 
 
+# ---- materialising a model built on the meta device ---------------------------------------------------
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Give a meta-device model (plain, or already sharded by `fully_shard`) real, uninitialised storage
+    on `device`: each rank allocates only its own shards (torchtitan's `to_empty` + `init_weights`)."""
+    model.to_empty(device=device)
+    model.rope.reset_tables()
+
+
+def _set_local(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of the full value `full` into `param` (a DTensor shard or a plain tensor).
+    Every rank holds the same `full`, so no communication is needed (`src_data_rank=None`)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        local = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(local.to_local())
+    else:
+        param.copy_(full)
+
+
+@torch.no_grad()
+def init_fresh(model: nn.Module) -> None:
+    """`PhiModel.init_weights`, with every value drawn on the CPU for the full tensor and each rank keeping
+    its shard: the same numbers as a single process seeded alike, with one full tensor (never the whole
+    model) in memory at a time."""
+    def fill(param: torch.Tensor, kind: str, std: float) -> None:
+        full = torch.empty(param.shape, dtype=param.dtype)
+        if kind == "normal":
+            full.normal_(0.0, std)
+        else:
+            full.fill_(0.0 if kind == "zeros" else 1.0)
+        _set_local(param, full)
+
+    model.init_weights(fill=fill)
+
+
+@torch.no_grad()
+def load_full_weights(model: nn.Module, path: Path) -> None:
+    """Load a consolidated `model.safetensors` into a materialised (maybe sharded) model one tensor at a
+    time, read lazily from the file; a missing, extra or mis-shaped tensor is one clear error."""
+    from safetensors import SafetensorError, safe_open
+
+    params = model.state_dict()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            missing, unexpected = sorted(set(params) - names), sorted(names - set(params))
+            if missing:
+                raise PhitrainError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+            if unexpected:
+                raise PhitrainError(f"{path}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all)")
+            for name, param in params.items():
+                full = f.get_tensor(name)
+                if tuple(full.shape) != tuple(param.shape):
+                    raise PhitrainError(f"{path}: tensor {name!r} has shape {tuple(full.shape)}, the config "
+                                        f"expects {tuple(param.shape)}")
+                _set_local(param, full.to(param.dtype))
+    except (SafetensorError, OSError) as err:
+        raise PhitrainError(f"{path}: not a readable safetensors file ({err})") from None
+
+
 def _checkpoint_activations(block: nn.Module) -> None:
     """Recompute the block's activations in backward instead of storing them (Chen et al. 2016).
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from phitrain.config import RecipeConfig, atomic_write_text, dump_yaml, load_yaml
+from phitrain.config import RecipeConfig, dump_yaml, load_yaml
 from phitrain.errors import PhitrainError
+from phitrain.files import atomic_write_text
 from phitrain.train import parallel
 from phitrain.train.trainer import FINAL_DIR, SUMMARY_FILE, StageSummary, run_stage
 

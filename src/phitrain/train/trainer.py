@@ -21,15 +21,16 @@ from pathlib import Path
 
 import torch
 
-from phitrain.checkpoint import (MODEL_FILE, atomic_directory, load_checkpoint, load_model_config, load_weights,
-                                 model_from_state, read_state_dict, write_model_files)
-from phitrain.config import StageConfig, atomic_write_text
+from phitrain.checkpoint import (MODEL_FILE, clean_partial, complete_checkpoints, finish_train_checkpoint,
+                                 load_checkpoint, load_model_config, load_trainer_state, load_weights, model_from_state,
+                                 new_staging_dir, prune, read_state_dict, rng_state, save_checkpoint, set_rng_state)
+from phitrain.config import StageConfig
 from phitrain.errors import PhitrainError
+from phitrain.files import atomic_write_text
 from phitrain.model.phi import PhiModel
 from phitrain.model.presets import get_preset
+from phitrain.progress import Progress
 from phitrain.train import parallel
-from phitrain.train.checkpoint import (clean_partial, complete_checkpoints, finish_train_checkpoint,
-                                       load_trainer_state, new_staging_dir, prune, rng_state, set_rng_state)
 from phitrain.train.metrics import MetricsLogger, peak_tflops, plot_metrics, read_metrics
 from phitrain.train.optim import build_optimizer, build_scheduler
 
@@ -260,7 +261,8 @@ def _train_stage(stage: StageConfig, stage_dir: Path, *, tokenizer, init_dir: Pa
 
     val_start = evaluate(0) if step == 0 else _first_val(stage_dir)
     first_loss = _first_loss(stage_dir) if step else None
-    progress = _Progress(stage.name, stage.max_steps, step, enabled=dist.is_main)
+    progress = Progress(stage.name, stage.max_steps, completed=step, enabled=dist.is_main, file=sys.stdout,
+                        unit="step")
     t_stage = time.perf_counter()
     steps_timed, time_timed = 0, 0.0
     loss_value = None
@@ -300,7 +302,7 @@ def _train_stage(stage: StageConfig, stage_dir: Path, *, tokenizer, init_dir: Pa
             first_loss = loss_value
         if step % stage.log_every == 0 or step == stage.max_steps or not stepped:
             logger.log(record)
-        progress.update(step, loss_value, record["tokens_per_s"])
+        progress.update(step, f"loss {loss_value:.4f}  {record['tokens_per_s']:,.0f} tok/s")
 
         is_last = step == stage.max_steps
         do_save = (stage.save_every and step % stage.save_every == 0) or is_last
@@ -322,8 +324,7 @@ def _train_stage(stage: StageConfig, stage_dir: Path, *, tokenizer, init_dir: Pa
     if dist.is_main:
         src_dir = dict(complete_checkpoints(ckpt_root))[final_src]
         final_model, _ = load_checkpoint(src_dir)
-        with atomic_directory(stage_dir / FINAL_DIR) as tmp:
-            write_model_files(tmp, final_model, tokenizer)
+        save_checkpoint(stage_dir / FINAL_DIR, final_model, tokenizer)
     wall = time.perf_counter() - t_stage
     tok_s = stage.tokens_per_step * steps_timed / time_timed if time_timed else 0.0
     records = read_metrics(stage_dir / "metrics.jsonl") if dist.is_main else []
@@ -358,33 +359,3 @@ def _last_val(records: list[dict]) -> float | None:
 
 def _first_loss(stage_dir: Path) -> float | None:
     return next((r["loss"] for r in read_metrics(stage_dir / "metrics.jsonl") if "loss" in r), None)
-
-
-class _Progress:
-    """A rich progress bar on terminals; on pipes/CI a plain line every ~10% of the stage."""
-
-    def __init__(self, name: str, total: int, start: int, enabled: bool):
-        self.enabled, self.total, self.name = enabled, total, name
-        self.tty = sys.stdout.isatty()
-        self.every = max(1, total // 10)
-        self.bar = None
-        if enabled and self.tty:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())
-            self.bar.start()
-            self.task = self.bar.add_task(name, total=total, completed=start, info="")
-
-    def update(self, step: int, loss: float, tok_s: float) -> None:
-        if not self.enabled:
-            return
-        info = f"loss {loss:.4f}  {tok_s:,.0f} tok/s"
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
-        elif step % self.every == 0 or step == self.total:
-            print(f"[{self.name}] step {step}/{self.total}  {info}", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
