@@ -13,6 +13,7 @@ gcc (one to three minutes, cached in ~/.cache/torch_extensions afterwards).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -177,11 +178,20 @@ def test_fsdp_one_rank_resumes_on_two(recipe, single, tmp_path):
     assert_same_weights(final_weights(resumed), final_weights(one))
 
 
-def test_deepspeed_zero2_trains_checkpoints_and_resumes(recipe, single, tmp_path):
+DS2 = ("parallel.strategy=deepspeed", "parallel.zero_stage=2")
+
+
+@pytest.fixture(scope="module")
+def ds2(recipe, tmp_path_factory) -> Path:
     pytest.importorskip("deepspeed")
-    sets = ("parallel.strategy=deepspeed", "parallel.zero_stage=2")
-    run = tmp_path / "ds"
-    train(recipe, run, 2, *sets)
+    run = tmp_path_factory.mktemp("ds2") / "run"
+    train(recipe, run, 2, *DS2)
+    return run
+
+
+def test_deepspeed_zero2_trains_checkpoints_and_resumes(recipe, single, ds2, tmp_path):
+    sets = DS2
+    run = ds2
     assert_close(losses(run), losses(single), range(1, STEPS + 1))
     ckpt = run / "pretrain" / "checkpoints" / f"step-{SAVE_EVERY:06d}"
     shards = sorted(p.name for p in (ckpt / "deepspeed" / "state").iterdir())
@@ -193,6 +203,109 @@ def test_deepspeed_zero2_trains_checkpoints_and_resumes(recipe, single, tmp_path
     resumed = rewind(run, tmp_path / "ds-resume", SAVE_EVERY)
     train(recipe, resumed, 2, *sets)
     assert_close(losses(resumed), losses(run), range(SAVE_EVERY + 1, STEPS + 1))
+
+
+def test_fsdp_build_never_holds_the_full_model(fsdp2, single):
+    """FSDP2 is applied on the meta device: until its shards were materialised no rank had parameter
+    storage at all, and afterwards each of the 2 ranks holds about half of the model's bytes (the trainer
+    records both per rank during the build). A single process holds all of it."""
+    build = json.loads((fsdp2 / "pretrain" / "summary.json").read_text())["build"]
+    assert [b["rank"] for b in build] == [0, 1]
+    total = build[0]["model_param_bytes"]
+    for b in build:
+        assert b["params_on_meta_until_materialized"], b
+        assert b["local_param_bytes"] <= 0.55 * total, b
+    assert sum(b["local_param_bytes"] for b in build) >= total
+    (one,) = json.loads((single / "pretrain" / "summary.json").read_text())["build"]
+    assert one["local_param_bytes"] == one["model_param_bytes"] == total
+
+
+def test_fsdp_streamed_checkpoint_loads_in_transformers(fsdp2, tmp_path):
+    """The consolidated weights of a 2-rank FSDP2 checkpoint — gathered one tensor at a time and streamed
+    into model.safetensors — are what transformers computes with (same logits), and equal what the
+    offline `consolidate` rebuilds from the DCP shards."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from safetensors.torch import load_file
+
+    from phitrain.interop.hf import export_hf
+    from phitrain.train.consolidate import consolidate_dcp
+
+    ckpt = fsdp2 / "pretrain" / "checkpoints" / f"step-{SAVE_EVERY:06d}"
+    model, _ = load_checkpoint(ckpt)
+    export_hf(ckpt, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max() < 1e-4
+    consolidate_dcp(ckpt / "dcp", tmp_path / "offline.safetensors")
+    streamed, offline = load_file(str(ckpt / "model.safetensors")), load_file(str(tmp_path / "offline.safetensors"))
+    assert streamed.keys() == offline.keys() and all(torch.equal(streamed[k], offline[k]) for k in streamed)
+
+
+def _launch(recipe: Path, run_dir: Path, sets) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "phitrain",
+           "train", str(recipe), "--run-dir", str(run_dir)]
+    for s in sets:
+        cmd += ["--set", s]
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _kill_job_when(proc: subprocess.Popen, ready, timeout: float = 300) -> bool:
+    """SIGKILL torchrun and every rank (the whole session) as soon as `ready()`; False if the job ended
+    first."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if ready():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.002)
+    return False
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_kill9_during_a_save_and_at_a_random_step_resumes_identically(recipe, fsdp2, ds2, tmp_path, strategy):
+    """2 ranks, a checkpoint every step. The whole job (torchrun and both ranks) is killed with SIGKILL once
+    while a checkpoint is being assembled (a hidden staging directory exists) and once at a random later
+    step; each re-run resumes from the newest complete checkpoint, and the per-step losses of the finished
+    run are exactly those of the uninterrupted run."""
+    import random
+
+    reference = fsdp2 if strategy == "fsdp" else ds2
+    sets = ("parallel.strategy=fsdp",) if strategy == "fsdp" else DS2
+    sets = (*sets, "stages.0.save_every=1", "stages.0.keep_last=2")
+    run = tmp_path / "run"
+    ckpts = run / "pretrain" / "checkpoints"
+
+    def saving() -> bool:
+        return ckpts.is_dir() and any(p.name.startswith(".") for p in ckpts.iterdir())
+
+    killed_in_save = False
+    for _ in range(3):   # a save lasts milliseconds; a few tries make catching one certain in practice
+        if _kill_job_when(_launch(recipe, run, sets), saving):
+            killed_in_save = True
+            break
+    assert killed_in_save, "the job finished three times without being caught in a save"
+    done = max((n for n, _ in complete_checkpoints(ckpts)), default=0)
+    k = random.Random().randint(done + 1, STEPS - 1) if done + 1 < STEPS else STEPS
+    if k < STEPS:
+        assert _kill_job_when(_launch(recipe, run, sets), lambda: max(losses_so_far(run), default=0) >= k), k
+    train(recipe, run, 2, *sets)
+    assert losses(run) == losses(reference), f"killed in a save after step {done}, then at step {k}"
+
+
+def losses_so_far(run_dir: Path) -> list[int]:
+    path = run_dir / "pretrain" / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line).get("step", 0))
+        except json.JSONDecodeError:   # a line being written
+            pass
+    return steps
 
 
 def _workers(launcher_pid: int) -> dict[int, int]:

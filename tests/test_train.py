@@ -23,7 +23,8 @@ from phitrain.data.pipeline import prepare
 from phitrain.model.phi import PhiModel
 from phitrain.train.metrics import read_metrics
 from phitrain.train.recipe import resolve_tokenizer, run_recipe
-from phitrain.train.trainer import build_model
+from phitrain.train import parallel
+from phitrain.train.trainer import model_config
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -132,7 +133,7 @@ def test_fp16_with_loss_scaling_trains_finite(data_dir, tmp_path):
     assert summary.final_loss < summary.first_loss
     state = torch.load(Path(summary.final_dir).parent / "checkpoints" / "step-000006" / "trainer_state.pt",
                        weights_only=False)
-    assert state["scaler"]["scale"] > 0  # the GradScaler's state is part of the checkpoint
+    assert state["components"]["scaler"]["scale"] > 0  # the GradScaler is one of the checkpointed components
 
 
 def test_nonfinite_batch_is_skipped_and_counted(data_dir, tmp_path, monkeypatch):
@@ -176,7 +177,11 @@ def test_midtrain_changes_context_rope_and_lr_from_previous_weights(data_dir, tm
     pre_lrs = [r["lr"] for r in read_metrics(tmp_path / "run" / "pretrain" / "metrics.jsonl") if "lr" in r]
     assert max(lrs) == pytest.approx(max(pre_lrs) / 10)
     # the midtrain stage starts from the pretrain stage's final weights, with the new RoPE tables
-    start = build_model(cfg.stages[1], resolve_tokenizer(cfg), Path(pre.final_dir))
+    # (built the way the trainer builds it: on meta, materialised, then loaded tensor by tensor)
+    with torch.device("meta"):
+        start = PhiModel(model_config(cfg.stages[1], resolve_tokenizer(cfg), Path(pre.final_dir)))
+    parallel.materialize(start, torch.device("cpu"))
+    parallel.load_full_weights(start, Path(pre.final_dir) / "model.safetensors")
     for (name, a), b in zip(start.state_dict().items(), pre_model.state_dict().values()):
         assert torch.equal(a, b), name
     assert not torch.equal(start.rope.cos, pre_model.rope.cos)

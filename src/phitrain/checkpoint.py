@@ -152,16 +152,35 @@ def new_staging_dir(checkpoints: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=".step-staging-", dir=checkpoints))
 
 
-def finish_train_checkpoint(staging: Path, checkpoints: Path, step: int, model, tokenizer,
+def finish_train_checkpoint(staging: Path, checkpoints: Path, step: int, model_cfg: ModelConfig, tokenizer,
                             trainer_state: dict) -> Path:
-    """Add model files, trainer_state.pt and COMPLETE (last) to `staging`, then rename it to step-N, so at
-    every instant a complete step-N exists or none does. `model` is the plain module with full weights."""
+    """Add config, tokenizer, trainer_state.pt and COMPLETE (last) to `staging` — which already holds the
+    engine's files and the streamed `model.safetensors` — then rename it to step-N, so at every instant a
+    complete step-N exists or none does."""
     target = step_dir(checkpoints, step)
     with atomic_directory(target, staging=staging) as tmp:
-        write_model_files(tmp, model, tokenizer)
+        dump_yaml(model_cfg, tmp / CONFIG_FILE)
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER_DIR)
         torch.save(trainer_state, tmp / STATE_FILE)
         _fsync_write(tmp / COMPLETE, f"step {step}\n")
     return target
+
+
+def copy_model_files(src: Path, dst: Path) -> Path:
+    """A plain model checkpoint at `dst` from a training checkpoint `src`: its weights, config and
+    tokenizer. Weights that were not consolidated at save time are streamed from the DCP shards."""
+    with atomic_directory(dst) as tmp:
+        if (src / MODEL_FILE).is_file():
+            shutil.copyfile(src / MODEL_FILE, tmp / MODEL_FILE)
+        else:
+            from phitrain.train.consolidate import consolidate_dcp
+
+            consolidate_dcp(src / "dcp", tmp / MODEL_FILE)
+        shutil.copyfile(src / CONFIG_FILE, tmp / CONFIG_FILE)
+        if (src / TOKENIZER_DIR).is_dir():
+            shutil.copytree(src / TOKENIZER_DIR, tmp / TOKENIZER_DIR)
+    return dst
 
 
 def _fsync_write(path: Path, text: str) -> None:

@@ -247,6 +247,8 @@ class StageConfig(Config):
     save_every: int = 0                      # 0: only at the end of the stage
     keep_last: int = 2
     keep_best: bool = False                  # phi-1 finetune: checkpoint every 1000 steps, keep the best
+    save_consolidated: bool = True           # false: no model.safetensors per checkpoint (FSDP: `phitrain
+                                             # checkpoint consolidate` writes it later); final/ always has one
     spike_factor: float = 2.0                # a loss above spike_factor x its running mean is flagged
     activation_checkpointing: bool = False
     compile: bool = False

@@ -210,7 +210,7 @@ class SourceReader(Accounting, BaseDiskReader):
         reader); only a line it refuses is decoded again to tell invalid UTF-8 from malformed JSON."""
         try:
             return orjson.loads(raw)
-        except orjson.JSONDecodeError:
+        except ValueError:   # orjson.JSONDecodeError
             pass
         try:
             line = raw.decode("utf-8")
@@ -221,8 +221,8 @@ class SourceReader(Accounting, BaseDiskReader):
             line = raw.decode("utf-8", errors="replace")
         try:
             return json.loads(line)
-        except json.JSONDecodeError as err:
-            self.reject("malformed_json", where, err.msg)
+        except ValueError as err:   # JSONDecodeError, whichever json module instance raised it
+            self.reject("malformed_json", where, getattr(err, "msg", str(err)))
             return _SKIP
 
     def _read_parquet(self, _: str, path: str) -> Iterator[Document]:

@@ -14,6 +14,7 @@ single `qkv` matmul (as phi-4's are): the same function, one GEMM instead of thr
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -206,6 +207,15 @@ class SequentialBlock(nn.Module):
 
 # ---- the model -----------------------------------------------------------------------------------
 
+def _fill_in_place(param: torch.Tensor, kind: str, std: float) -> None:
+    if kind == "normal":
+        nn.init.normal_(param, mean=0.0, std=std)
+    elif kind == "zeros":
+        nn.init.zeros_(param)
+    else:
+        nn.init.ones_(param)
+
+
 class PhiModel(nn.Module):
     """Token embedding → dropout → blocks → final norm → lm_head (biased for the parallel style).
 
@@ -228,26 +238,29 @@ class PhiModel(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, fill: Callable[[torch.Tensor, str, float], None] | None = None) -> None:
         """Initialisation for training from scratch.
 
         Normal(0, initializer_range=0.02) for embeddings and projections, zero biases, unit norms — the
         GPT-2/CodeGen scheme that transformers' Phi models also use — plus GPT-2's scaling of the
         projections that write into the residual stream (attention output, fc2/down) by 1/sqrt(2·layers)
         (Radford et al. 2019 §2.3), which keeps the residual's variance from growing with depth.
+        `fill(param, kind, std)` (kind: normal, zeros, ones) replaces the in-place initialisers: a model
+        sharded across ranks uses it to draw exactly these numbers shard by shard (train.parallel).
         """
+        fill = fill or _fill_in_place
         std = self.config.initializer_range
         resid_std = std / math.sqrt(2 * self.config.num_layers)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 is_resid_out = name.endswith(("out_proj", "fc2", "down"))
-                nn.init.normal_(module.weight, mean=0.0, std=resid_std if is_resid_out else std)
+                fill(module.weight, "normal", resid_std if is_resid_out else std)
                 if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+                    fill(module.bias, "zeros", 0.0)
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                nn.init.ones_(module.weight)
+                fill(module.weight, "ones", 0.0)
                 if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+                    fill(module.bias, "zeros", 0.0)
         self.rope.reset_tables()
 
     def forward(

@@ -1,10 +1,11 @@
 """Parallelism applied from outside the model (torchtitan's split): the model file stays single-device.
 
 `init_distributed` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and
-starts the process group — gloo on CPU, NCCL on CUDA. `wrap` turns a plain `PhiModel` into an `Engine`:
-the module to call, how to run backward and the optimizer step, how to skip gradient sync on
-accumulation micro-steps, how to gather full weights for the consolidated `model.safetensors`, and —
-for the sharded strategies — how to save and load their own sharded state. Strategies:
+starts the process group — gloo on CPU, NCCL on CUDA. `make_engine` picks the `Engine` for the strategy;
+every engine has the same methods (shard on meta, set up its wrapper and optimizer, backward, step,
+save/load its state, stream the consolidated `model.safetensors`), so the trainer never branches on the
+strategy. `materialize`, `init_fresh` and `load_full_weights` give a meta-device model (sharded or not)
+its storage and weights one tensor at a time. Strategies:
 
 - none: one process.
 - ddp: `DistributedDataParallel`. Every rank holds the whole model and optimizer; gradients are
@@ -36,12 +37,14 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from phitrain.checkpoint import MODEL_FILE
 from phitrain.config import ParallelConfig, StageConfig
 from phitrain.errors import PhitrainError
 
 DCP_DIR = "dcp"              # FSDP2's sharded model + optimizer state inside a checkpoint directory
 DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own checkpoint inside a checkpoint directory
 DEEPSPEED_TAG = "state"
+_METADATA = {"format": "pt", "producer": "phitrain"}
 
 
 @dataclass
@@ -148,21 +151,37 @@ def comm_failure_detail(err: BaseException) -> str:
 
 
 class Engine:
-    """Single-process engine; the parallel engines below override what differs.
+    """One process, no wrapping; the parallel engines below override what differs. The trainer calls the
+    same methods whatever the strategy, in this order:
 
-    `sharded` engines write their own optimizer (and model) state into the checkpoint directory
-    (`save_sharded` / `load_sharded`); the others return a full optimizer state dict that goes into
-    trainer_state.pt.
+    `shard(model)` on the meta-device model (FSDP2 shards it there, so no rank ever holds it whole) →
+    the trainer materialises and initialises or loads the weights → `setup(model)` wraps the model and
+    builds the optimizer → per step `sync_grads`, `backward`, `step` → for checkpoints `save(dir)` (the
+    engine's own sharded files), `state_dict()` (what goes into trainer_state.pt), `write_consolidated`
+    (the full `model.safetensors`, streamed) and on resume `load(dir, state, saved_world_size)`.
+    `loads_weights_itself`: on resume the engine's `load` restores the model too (FSDP2's DCP), so the
+    trainer does not read the consolidated weights first.
     """
 
     owns_step = False
     sharded = False
+    loads_weights_itself = False
     kind = "none"
 
-    def __init__(self, module: nn.Module, model: nn.Module):
-        self.module = module      # what to call for forward (maybe wrapped)
-        self.model = model        # the plain PhiModel underneath
-        self.optimizer = None     # engines that build their own optimizer set this
+    def __init__(self, stage: StageConfig, cfg: ParallelConfig, dist: Dist, precision: str):
+        self.stage, self.cfg, self.dist, self.precision = stage, cfg, dist, precision
+        self.module: nn.Module | None = None    # what to call for forward (maybe wrapped)
+        self.model: nn.Module | None = None     # the PhiModel underneath
+        self.optimizer = None
+
+    def shard(self, model: nn.Module) -> None:
+        """Apply sharding to the model while it is still on the meta device."""
+
+    def setup(self, model: nn.Module) -> None:
+        from phitrain.train.optim import build_optimizer
+
+        self.model = self.module = model
+        self.optimizer = build_optimizer(model, self.stage.optim)
 
     def sync_grads(self, last_micro_step: bool):
         return contextlib.nullcontext()
@@ -175,58 +194,80 @@ class Engine:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def step(self, optimizer, scaler, max_norm: float | None, finite_loss: bool) -> tuple[float, bool]:
+    def step(self, scaler, max_norm: float | None, finite_loss: bool) -> tuple[float, bool]:
         """Unscale, clip, and step — or skip when the loss or gradient norm is not finite.
 
         A skipped step changes no weight and no optimizer moment; with fp16 the scaler also lowers its
         scale (mixed-precision training, Micikevicius et al. 2018).
         """
-        scaler.unscale_(optimizer)
+        scaler.unscale_(self.optimizer)
         norm = self.clip(max_norm)
         ok = finite_loss and math.isfinite(norm)
         if ok:
-            scaler.step(optimizer)
+            scaler.step(self.optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         return norm, ok
 
     def after_eval(self) -> None:
         """Called after a forward-only pass (validation)."""
 
-    def full_state_dict(self, checkpoint_dir: Path) -> dict:
-        """The full weights, on rank 0 (other ranks may get an empty dict). Collective."""
-        return self.model.state_dict()
+    def state_dict(self) -> dict | None:
+        """What trainer_state.pt holds for this engine: the full optimizer state (sharded engines: None,
+        their state is in `save`'s files)."""
+        return {"optimizer": self.optimizer.state_dict()}
 
-    def optimizer_state(self, optimizer) -> dict:
-        return optimizer.state_dict()
+    def save(self, checkpoint_dir: Path) -> None:
+        """Write the engine's sharded state into `checkpoint_dir` (all ranks; the directory is shared)."""
 
-    def load_optimizer_state(self, optimizer, state: dict) -> None:
-        optimizer.load_state_dict(state)
+    def load(self, checkpoint_dir: Path, state: dict | None, saved_world_size: int) -> None:
+        if state is None:
+            raise PhitrainError(f"{checkpoint_dir}: written with a sharded parallel.strategy; resume with that "
+                                "strategy")
+        self.optimizer.load_state_dict(state["optimizer"])
 
-    def save_sharded(self, checkpoint_dir: Path, optimizer) -> None:
-        """Write this engine's sharded state into `checkpoint_dir` (all ranks; the directory is shared)."""
+    def write_consolidated(self, checkpoint_dir: Path, is_writer: bool) -> None:
+        """Stream the full weights into `checkpoint_dir/model.safetensors` (collective)."""
+        from phitrain.train.consolidate import write_sharded_model
 
-    def load_sharded(self, checkpoint_dir: Path, optimizer, saved_world_size: int) -> None:
-        raise NotImplementedError
+        write_sharded_model(checkpoint_dir / MODEL_FILE, self.model.state_dict().items(), is_writer, _METADATA)
 
 
 class DDPEngine(Engine):
     kind = "ddp"
+
+    def setup(self, model: nn.Module) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        super().setup(model)
+        device_ids = [self.dist.local_rank] if next(model.parameters()).is_cuda else None
+        self.module = DistributedDataParallel(model, device_ids=device_ids)
 
     def sync_grads(self, last_micro_step: bool):
         return contextlib.nullcontext() if last_micro_step else self.module.no_sync()
 
 
 class FSDPEngine(Engine):
-    """FSDP2: parameters, gradients and optimizer state sharded over ranks.
+    """FSDP2: parameters, gradients and optimizer state sharded over ranks, from the meta device on.
 
     Checkpoints: each rank writes its shards with DCP (`dcp/`), nothing is gathered for the resumable
-    state; DCP's metadata records the global shapes, so `load_sharded` reshards onto any number of ranks.
-    Only the consolidated `model.safetensors` (what eval/convert/generate read) is gathered on rank 0.
+    state; DCP's metadata records the global shapes, so `load` reshards onto any number of ranks. The
+    consolidated `model.safetensors` is streamed one gathered tensor at a time (`write_consolidated`).
     """
 
     sharded = True
+    loads_weights_itself = True
     kind = "fsdp"
+
+    def shard(self, model: nn.Module) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # compute in the training precision, reduce gradients and keep master weights in fp32
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+        for block in model.blocks:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
 
     def sync_grads(self, last_micro_step: bool):
         self.module.set_requires_gradient_sync(last_micro_step)
@@ -242,19 +283,17 @@ class FSDPEngine(Engine):
             if isinstance(m, FSDPModule):
                 m.reshard()
 
-    def full_state_dict(self, checkpoint_dir: Path) -> dict:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    def state_dict(self) -> dict | None:
+        return None
 
-        return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def save_sharded(self, checkpoint_dir: Path, optimizer) -> None:
+    def save(self, checkpoint_dir: Path) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optim_state = get_state_dict(self.module, optimizer)
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(checkpoint_dir / DCP_DIR))
 
-    def load_sharded(self, checkpoint_dir: Path, optimizer, saved_world_size: int) -> None:
+    def load(self, checkpoint_dir: Path, state: dict | None, saved_world_size: int) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -262,10 +301,10 @@ class FSDPEngine(Engine):
         if not (path / ".metadata").is_file():
             raise PhitrainError(f"{checkpoint_dir}: no sharded FSDP state ({DCP_DIR}/); it was written by another "
                                 "parallel.strategy — resume with that strategy")
-        model_state, optim_state = get_state_dict(self.module, optimizer)
-        state = {"model": model_state, "optimizer": optim_state}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(self.module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        both = {"model": model_state, "optimizer": optim_state}
+        dcp.load(both, checkpoint_id=str(path))
+        set_state_dict(self.module, self.optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
 
 
 def deepspeed_config(stage: StageConfig, cfg: ParallelConfig, world_size: int, precision: str) -> dict:
@@ -289,15 +328,18 @@ def deepspeed_config(stage: StageConfig, cfg: ParallelConfig, world_size: int, p
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO: DeepSpeed's engine runs backward (loss scaling, partitioned gradient reduction), the
     accumulation boundary, clipping and the optimizer step; our LR schedule drives the wrapped AdamW's
-    param-group learning rates, as it does for the other engines."""
+    param-group learning rates, as it does for the other engines. The model is materialised whole
+    before `deepspeed.initialize` (ZeRO-1/2 partition optimizer state and gradients, not weights)."""
 
     owns_step = True
     sharded = True
     kind = "deepspeed"
 
-    def __init__(self, ds_engine, model: nn.Module, optimizer):
-        super().__init__(ds_engine, model)
-        self.optimizer = optimizer
+    def setup(self, model: nn.Module) -> None:
+        deepspeed = _deepspeed(next(model.parameters()).device)
+        super().setup(model)
+        config = deepspeed_config(self.stage, self.cfg, self.dist.world_size, self.precision)
+        self.module, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=config)
         self._last_micro_step = True
 
     def sync_grads(self, last_micro_step: bool):
@@ -310,27 +352,33 @@ class DeepSpeedEngine(Engine):
         if not self._last_micro_step:
             self.module.step()  # a micro-step: DeepSpeed counts it and does not update
 
-    def step(self, optimizer, scaler, max_norm: float | None, finite_loss: bool) -> tuple[float, bool]:
+    def step(self, scaler, max_norm: float | None, finite_loss: bool) -> tuple[float, bool]:
         """DeepSpeed's boundary step; fp16 overflows are skipped by its loss scaler (was_step_applied)."""
         self.module.step()
         norm = self.module.get_global_grad_norm()
         norm = float(norm) if norm is not None else math.nan
         return norm, bool(self.module.was_step_applied()) and finite_loss and math.isfinite(norm)
 
-    def save_sharded(self, checkpoint_dir: Path, optimizer) -> None:
+    def state_dict(self) -> dict | None:
+        return None
+
+    def save(self, checkpoint_dir: Path) -> None:
         self.module.save_checkpoint(str(checkpoint_dir / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
 
-    def full_state_dict(self, checkpoint_dir: Path) -> dict:
+    def write_consolidated(self, checkpoint_dir: Path, is_writer: bool) -> None:
         """fp32 master weights rebuilt from the ZeRO checkpoint just written (any ZeRO stage, any
         precision: with bf16/fp16 the module holds rounded copies, the optimizer partitions the masters)."""
-        if torch_dist.get_rank() != 0:
-            return {}
+        if not is_writer:
+            return
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
-        return {k: v for k, v in state.items() if k in self.model.state_dict()}
+        from phitrain.train.consolidate import write_sharded_model
 
-    def load_sharded(self, checkpoint_dir: Path, optimizer, saved_world_size: int) -> None:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        names = self.model.state_dict().keys()
+        write_sharded_model(checkpoint_dir / MODEL_FILE, ((k, state[k]) for k in names), True, _METADATA)
+
+    def load(self, checkpoint_dir: Path, state: dict | None, saved_world_size: int) -> None:
         path = checkpoint_dir / DEEPSPEED_DIR
         if not (path / DEEPSPEED_TAG).is_dir():
             raise PhitrainError(f"{checkpoint_dir}: no DeepSpeed state ({DEEPSPEED_DIR}/); it was written by another "
@@ -354,6 +402,12 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     on `device`: each rank allocates only its own shards (torchtitan's `to_empty` + `init_weights`)."""
     model.to_empty(device=device)
     model.rope.reset_tables()
+
+
+def local_param_bytes(model: nn.Module) -> int:
+    """Bytes of parameter storage this rank holds (its shards, for a sharded model)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    return sum(t.numel() * t.element_size() for t in local)
 
 
 def _set_local(param: torch.Tensor, full: torch.Tensor) -> None:
@@ -421,42 +475,22 @@ def _checkpoint_activations(block: nn.Module) -> None:
     block.forward = lambda *args: checkpoint(inner, *args, use_reentrant=False)
 
 
-def wrap(model: nn.Module, stage: StageConfig, cfg: ParallelConfig, dist: Dist, precision: str,
-         build_optimizer=None) -> Engine:
-    """The engine for `cfg.strategy`. `build_optimizer(model)` makes the AdamW the DeepSpeed engine wraps
-    (the other engines leave the optimizer to the trainer, built after wrapping so it holds the sharded
-    parameters)."""
+def make_engine(stage: StageConfig, cfg: ParallelConfig, dist: Dist, precision: str) -> Engine:
+    """The engine for `cfg.strategy` (ddp over a single process is `none`: nothing to all-reduce, the
+    checkpoint format is the same)."""
+    strategy = cfg.strategy
+    if strategy == "ddp" and dist.world_size == 1:
+        strategy = "none"
+    engines = {"none": Engine, "ddp": DDPEngine, "fsdp": FSDPEngine, "deepspeed": DeepSpeedEngine}
+    if strategy not in engines:
+        raise PhitrainError(f"parallel.strategy {strategy!r} is not available in this build")
+    return engines[strategy](stage, cfg, dist, precision)
+
+
+def apply_block_options(model: nn.Module, stage: StageConfig) -> None:
+    """Activation checkpointing and `torch.compile`, per block, before any sharding or wrapping."""
     for block in model.blocks:
         if stage.activation_checkpointing:
             _checkpoint_activations(block)
         if stage.compile:
             block.compile()
-    strategy = cfg.strategy
-    if strategy == "ddp" and dist.world_size == 1:
-        strategy = "none"  # nothing to all-reduce; the checkpoint format is the same
-    if strategy == "none":
-        return Engine(model, model)
-    if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        device_ids = [dist.local_rank] if next(model.parameters()).is_cuda else None
-        return DDPEngine(DistributedDataParallel(model, device_ids=device_ids), model)
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        # compute in the training precision, reduce gradients and keep master weights in fp32
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
-        for block in model.blocks:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        return FSDPEngine(model, model)
-    if strategy == "deepspeed":
-        deepspeed = _deepspeed(next(model.parameters()).device)
-        if build_optimizer is None:
-            raise PhitrainError("parallel.strategy deepspeed: wrap() needs build_optimizer")
-        optimizer = build_optimizer(model)
-        ds_engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(stage, cfg, dist.world_size, precision))
-        return DeepSpeedEngine(ds_engine, model, optimizer)
-    raise PhitrainError(f"parallel.strategy {strategy!r} is not available in this build")

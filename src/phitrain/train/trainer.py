@@ -1,11 +1,13 @@
 """The training loop of one stage (phi-1 §2.3, Phi-4 §3): next-token loss on fixed-length windows, AdamW,
 linear warmup/decay, fp16/bf16/fp32, dropout, gradient accumulation, checkpoints and exact resume.
 
-`run_stage` reads top to bottom: build the model (fresh from a preset, or from the previous stage's
-weights with the midtrain/finetune changes), place it (device, precision, parallel wrapping), build the
-optimizer/schedule/loader, resume from the newest complete checkpoint if there is one, then loop.
-Every stateful component (model, optimizer, scheduler, grad scaler, loader, RNGs, counters) is saved and
-restored, so an interrupted run continues with bit-identical losses (fp32, CPU).
+Shaped after torchtitan: the model is built on the meta device, the engine shards it there (FSDP2), each
+rank materialises only its own shards, and the weights are then drawn (`parallel.init_fresh`: the same
+numbers whatever the strategy), loaded from the previous stage (one tensor at a time), or restored from
+a checkpoint. The resumable state is a list of stateful components — the engine (model + optimizer), LR
+scheduler, grad scaler, data loader, RNGs and the `TrainState` counters — that one `Checkpointer` saves
+and loads through their `state_dict()` / `load_state_dict()`, so an interrupted run continues with
+bit-identical losses (fp32, CPU). The `Trainer` never branches on the parallel strategy.
 """
 
 from __future__ import annotations
@@ -21,18 +23,18 @@ from pathlib import Path
 
 import torch
 
-from phitrain.checkpoint import (MODEL_FILE, clean_partial, complete_checkpoints, finish_train_checkpoint,
-                                 load_checkpoint, load_model_config, load_trainer_state, load_weights, model_from_state,
-                                 new_staging_dir, prune, read_state_dict, rng_state, save_checkpoint, set_rng_state)
-from phitrain.config import StageConfig
+from phitrain.checkpoint import (MODEL_FILE, clean_partial, complete_checkpoints, copy_model_files,
+                                 finish_train_checkpoint, load_model_config, load_trainer_state, new_staging_dir, prune,
+                                 rng_state, set_rng_state)
+from phitrain.config import ModelConfig, StageConfig
 from phitrain.errors import PhitrainError
 from phitrain.files import atomic_write_text
 from phitrain.model.phi import PhiModel
 from phitrain.model.presets import get_preset
 from phitrain.progress import Progress
 from phitrain.train import parallel
-from phitrain.train.metrics import MetricsLogger, peak_tflops, plot_metrics, read_metrics
-from phitrain.train.optim import build_optimizer, build_scheduler
+from phitrain.train.metrics import MetricsLogger, cpu_has_native_bf16, peak_tflops, plot_metrics, read_metrics
+from phitrain.train.optim import build_scheduler
 
 FINAL_DIR = "final"
 SUMMARY_FILE = "summary.json"
@@ -59,6 +61,8 @@ class StageSummary:
     wall_s: float
     params: int
     final_dir: str
+    peak_rss_mb: list[dict] | None = None    # per rank: after build, the first step, the last save
+    build: list[dict] | None = None          # per rank: parameter bytes this rank holds vs the whole model
 
 
 # ---- setup ---------------------------------------------------------------------------------------
@@ -73,23 +77,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def build_model(stage: StageConfig, tokenizer, init_dir: Path | None) -> PhiModel:
-    """A fresh model from a preset, or the previous weights under the stage's config changes.
+def model_config(stage: StageConfig, tokenizer, init_dir: Path | None) -> ModelConfig:
+    """The stage's model: a preset, or the previous stage's config under the stage's changes.
 
     Midtraining (Phi-4 §3) changes `rope_theta` and `max_position_embeddings`; neither changes a weight
-    shape, so the weights load unchanged and only the RoPE tables are recomputed.
+    shape, so the previous weights load unchanged and only the RoPE tables are recomputed.
     """
     if stage.model is not None:
         cfg = get_preset(stage.model, **stage.model_overrides)
-        model = PhiModel(cfg)
     else:
         if init_dir is None:
             raise PhitrainError(f"stage {stage.name!r}: init_from has no checkpoint to start from")
@@ -98,16 +93,15 @@ def build_model(stage: StageConfig, tokenizer, init_dir: Path | None) -> PhiMode
             cfg = type(previous).model_validate({**previous.model_dump(), **stage.model_overrides})
         except ValueError as err:
             raise PhitrainError(f"stage {stage.name!r}: model_overrides: {err}") from None
-        model = model_from_state(cfg, read_state_dict(Path(init_dir) / MODEL_FILE), init_dir)
-    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise PhitrainError(
             f"stage {stage.name!r}: the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size "
-            f"is {model.config.vocab_size}; set model_overrides.vocab_size")
-    if stage.seq_len > model.config.max_position_embeddings:
+            f"is {cfg.vocab_size}; set model_overrides.vocab_size")
+    if stage.seq_len > cfg.max_position_embeddings:
         raise PhitrainError(
             f"stage {stage.name!r}: seq_len {stage.seq_len} exceeds the model's max_position_embeddings "
-            f"{model.config.max_position_embeddings}; raise it in model_overrides")
-    return model
+            f"{cfg.max_position_embeddings}; raise it in model_overrides")
+    return cfg
 
 
 def _autocast(device: torch.device, precision: str):
@@ -141,7 +135,255 @@ def validation_loss(model, windows: torch.Tensor, batch_size: int, device, preci
     return total / count
 
 
-# ---- the stage -----------------------------------------------------------------------------------
+# ---- stateful components ---------------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    """The loop's counters and running values; saved and restored with everything else."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    skipped: int = 0
+    spikes: int = 0
+    best_val_loss: float = math.inf
+    best_step: int | None = None
+    loss_ema: float | None = None
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class RNGState:
+    """Python, NumPy, torch CPU and CUDA generators (they drive dropout)."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state)
+
+
+class Checkpointer:
+    """Saves and loads a list of stateful components as one checkpoint directory.
+
+    `components` are saved by their `state_dict()` into trainer_state.pt; those named in `per_rank` hold
+    one state per rank (gathered on save; on a resume with a different number of ranks every rank takes
+    rank 0's, which is exact for the loader — its position is global — and only reseeds dropout). The
+    engine adds its own files (sharded model/optimizer state) and the consolidated `model.safetensors`,
+    streamed one tensor at a time (or skipped with `save_consolidated: false`; `phitrain checkpoint
+    consolidate` writes it later). The directory is assembled under a hidden name and renamed with
+    `COMPLETE` written last, so a kill at any moment leaves the previous checkpoint intact.
+    """
+
+    def __init__(self, root: Path, engine: "parallel.Engine", components: dict, per_rank: set[str],
+                 dist: "parallel.Dist", model_cfg: ModelConfig, tokenizer, stage: StageConfig):
+        self.root, self.engine, self.components, self.per_rank = root, engine, components, per_rank
+        self.dist, self.model_cfg, self.tokenizer, self.stage = dist, model_cfg, tokenizer, stage
+
+    def latest(self) -> tuple[int, Path] | None:
+        ckpts = complete_checkpoints(self.root)
+        return ckpts[-1] if ckpts else None
+
+    def save(self, step: int, keep: set[int]) -> None:
+        dist = self.dist
+        staging = Path(dist.broadcast_object(str(new_staging_dir(self.root)) if dist.is_main else None))
+        self.engine.save(staging)
+        state = {"strategy": self.engine.kind, "world_size": dist.world_size, "engine": self.engine.state_dict(),
+                 "components": {name: dist.gather_object(c.state_dict()) if name in self.per_rank else c.state_dict()
+                                for name, c in self.components.items()},
+                 "stage": self.stage.model_dump(mode="json")}
+        if self.stage.save_consolidated or not self.engine.loads_weights_itself:   # the only copy of the weights
+            self.engine.write_consolidated(staging, is_writer=dist.is_main)
+        if dist.is_main:
+            finish_train_checkpoint(staging, self.root, step, self.model_cfg, self.tokenizer, state)
+            prune(self.root, self.stage.keep_last, keep=keep)
+        dist.barrier()
+
+    def load(self, directory: Path) -> bool:
+        """Restore every component from `directory`; returns whether the number of ranks is the same."""
+        state = load_trainer_state(directory)
+        saved_world = state["world_size"]
+        self.engine.load(directory, state["engine"], saved_world_size=saved_world)
+        same_world = saved_world == self.dist.world_size
+        for name, component in self.components.items():
+            value = state["components"][name]
+            component.load_state_dict(value[self.dist.rank if same_world else 0] if name in self.per_rank else value)
+        return same_world
+
+
+# ---- the trainer ------------------------------------------------------------------------------------
+
+class Trainer:
+    """One stage: build (meta → shard → materialise → init/load → wrap), resume, loop, checkpoint."""
+
+    def __init__(self, stage: StageConfig, stage_dir: Path, *, tokenizer, init_dir: Path | None,
+                 device: torch.device, dist: "parallel.Dist", parallel_cfg):
+        from phitrain.data.windows import WindowLoader, load_validation_windows
+
+        self.stage, self.stage_dir, self.device, self.dist = stage, stage_dir, device, dist
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_root = stage_dir / "checkpoints"
+        if dist.is_main:
+            clean_partial(ckpt_root)
+        dist.barrier()
+        self.peak_rss: dict[str, float] = {}
+
+        self.precision = resolve_precision(stage.precision, device)
+        self.model_cfg = model_config(stage, tokenizer, init_dir)
+        with torch.device("meta"):
+            model = PhiModel(self.model_cfg)
+        self.engine = parallel.make_engine(stage, parallel_cfg, dist, self.precision)
+        parallel.apply_block_options(model, stage)
+        self.engine.shard(model)                  # FSDP2: each rank keeps only its shards from here on
+        on_meta = all(p.is_meta for p in model.parameters())
+        parallel.materialize(model, device)
+        self.build_info = {"rank": dist.rank, "params_on_meta_until_materialized": on_meta,
+                           "local_param_bytes": parallel.local_param_bytes(model),
+                           "model_param_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+        last = complete_checkpoints(ckpt_root)
+        if last and not self.engine.loads_weights_itself:
+            parallel.load_full_weights(model, last[-1][1] / MODEL_FILE)
+        elif not last and init_dir is not None and stage.model is None:
+            parallel.load_full_weights(model, Path(init_dir) / MODEL_FILE)
+        elif not last:
+            torch.manual_seed(stage.seed)
+            parallel.init_fresh(model)
+        self.engine.setup(model)
+        self.n_params = model.num_params()
+        self.flops_per_token = model.flops_per_token(stage.seq_len)
+        self.accum = stage.grad_accum_steps(dist.world_size)
+
+        self.loader = WindowLoader(stage.data, stage.seq_len, stage.micro_batch_size, rank=dist.rank,
+                                   world_size=dist.world_size)
+        self.val_windows = load_validation_windows(stage.data, stage.seq_len, stage.eval_windows)
+        self.scheduler = build_scheduler(self.engine.optimizer, stage.optim, stage.max_steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16" and not self.engine.owns_step)
+        self.state = TrainState()
+        self.checkpointer = Checkpointer(
+            ckpt_root, self.engine, {"scheduler": self.scheduler, "scaler": self.scaler, "loader": self.loader,
+                                     "rng": RNGState(), "train_state": self.state},
+            {"loader", "rng"}, dist, self.model_cfg, tokenizer, stage)
+        if last:
+            step, directory = last[-1]
+            same_world = self.checkpointer.load(directory)
+            if not same_world:   # distinct dropout streams per rank, repeatably
+                torch.manual_seed(stage.seed + 7919 * self.state.step + dist.rank)
+            if dist.is_main:
+                print(f"[{stage.name}] resuming from {directory} (step {step})", flush=True)
+        else:
+            torch.manual_seed(stage.seed + dist.rank)  # dropout streams differ per rank, repeatably
+        self.peak_rss["build"] = _rss_mb()
+        self.logger = MetricsLogger(stage_dir / "metrics.jsonl", resume_step=self.state.step, enabled=dist.is_main)
+        self.peak, self.peak_source = peak_tflops(device, self.precision, stage.peak_tflops)
+
+    def evaluate(self, step: int) -> float | None:
+        val = validation_loss(self.engine.module, self.val_windows, self.stage.micro_batch_size, self.device,
+                              self.precision)
+        self.engine.after_eval()
+        if val is not None:
+            self.logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+        return val
+
+    def train_step(self) -> dict:
+        """One optimizer step over `accum` micro-batches; returns the step's metrics record."""
+        stage, engine, st = self.stage, self.engine, self.state
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            inputs, targets = next(self.loader)
+            inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+            with engine.sync_grads(micro == self.accum - 1), _autocast(self.device, self.precision):
+                loss = engine.module(inputs, targets)
+            engine.backward(self.scaler.scale(loss / self.accum))
+            loss_sum += loss.detach().float()
+        loss_value = float(self.dist.mean(loss_sum / self.accum))
+        grad_norm, stepped = engine.step(self.scaler, stage.optim.grad_clip, finite_loss=math.isfinite(loss_value))
+        self.scheduler.step()
+        st.step += 1
+        st.tokens_seen += stage.tokens_per_step
+        dt = time.perf_counter() - t0
+        record = {"step": st.step, "loss": loss_value, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                  "tokens": st.tokens_seen, "tokens_per_s": stage.tokens_per_step / dt,
+                  "mfu": self.flops_per_token * stage.tokens_per_step / dt / (self.peak * 1e12),
+                  "step_time_s": dt, "mem_mb": _memory_mb(self.device)}
+        if not stepped:
+            st.skipped += 1
+            record["skipped"] = True
+        elif math.isfinite(loss_value):
+            if st.loss_ema is not None and st.step > stage.optim.warmup_steps and \
+                    loss_value > stage.spike_factor * st.loss_ema:
+                st.spikes += 1
+                record["spike"] = True
+            st.loss_ema = loss_value if st.loss_ema is None else 0.9 * st.loss_ema + 0.1 * loss_value
+        return record
+
+    def fit(self) -> StageSummary:
+        stage, st, dist = self.stage, self.state, self.dist
+        val_start = self.evaluate(0) if st.step == 0 else _first_val(self.stage_dir)
+        first_loss = _first_loss(self.stage_dir) if st.step else None
+        progress = Progress(stage.name, stage.max_steps, completed=st.step, enabled=dist.is_main, file=sys.stdout,
+                            unit="step")
+        t_stage = time.perf_counter()
+        steps_timed, time_timed = 0, 0.0
+        loss_value = None
+        self.engine.module.train()
+        while st.step < stage.max_steps:
+            record = self.train_step()
+            loss_value = record["loss"]
+            if st.step > 1:  # the first step pays one-off costs (allocator warm-up, compile)
+                steps_timed, time_timed = steps_timed + 1, time_timed + record["step_time_s"]
+            self.peak_rss.setdefault("first_step", _rss_mb())
+            if first_loss is None:
+                first_loss = loss_value
+            if st.step % stage.log_every == 0 or st.step == stage.max_steps or record.get("skipped"):
+                self.logger.log(record)
+            progress.update(st.step, f"loss {loss_value:.4f}  {record['tokens_per_s']:,.0f} tok/s")
+            is_last = st.step == stage.max_steps
+            do_save = (stage.save_every and st.step % stage.save_every == 0) or is_last
+            val = self.evaluate(st.step) if (stage.eval_every and st.step % stage.eval_every == 0) or is_last else None
+            if do_save and stage.keep_best:
+                # best-checkpoint selection only among saved steps, so the best one always exists on disk
+                val = self.evaluate(st.step) if val is None else val
+                if val is not None and val < st.best_val_loss:
+                    st.best_val_loss, st.best_step = val, st.step
+            if do_save:
+                keep = {st.best_step} if stage.keep_best and st.best_step is not None else set()
+                self.checkpointer.save(st.step, keep)
+                self.peak_rss["save"] = _rss_mb()
+        progress.close()
+        self.logger.close()
+        self._write_final()
+        wall = time.perf_counter() - t_stage
+        tok_s = stage.tokens_per_step * steps_timed / time_timed if time_timed else 0.0
+        records = read_metrics(self.stage_dir / "metrics.jsonl") if dist.is_main else []
+        summary = StageSummary(
+            stage=stage.name, steps=st.step, tokens=st.tokens_seen, skipped_steps=st.skipped, loss_spikes=st.spikes,
+            first_loss=first_loss, final_loss=loss_value, val_loss_start=val_start,
+            val_loss_end=_last_val(records), best_step=st.best_step, tokens_per_s=tok_s,
+            mfu=self.flops_per_token * tok_s / (self.peak * 1e12), peak_tflops=self.peak,
+            peak_source=self.peak_source, precision=self.precision, device=str(self.device), wall_s=wall,
+            params=self.n_params, final_dir=str(self.stage_dir / FINAL_DIR),
+            peak_rss_mb=dist.gather_object(self.peak_rss), build=dist.gather_object(self.build_info))
+        if dist.is_main:
+            plot_metrics(records, self.stage_dir, stage.name)
+            atomic_write_text(self.stage_dir / SUMMARY_FILE, json.dumps(asdict(summary), indent=2) + "\n")
+        dist.barrier()
+        return summary
+
+    def _write_final(self) -> None:
+        """The stage's product: the best (keep_best) or last checkpoint's model files under `final/`,
+        copied (or, without consolidated weights, consolidated from its DCP shards) — no model object."""
+        st = self.state
+        src = st.best_step if self.stage.keep_best and st.best_step is not None else st.step
+        if self.dist.is_main:
+            src_dir = dict(complete_checkpoints(self.checkpointer.root))[src]
+            copy_model_files(src_dir, self.stage_dir / FINAL_DIR)
+        self.dist.barrier()
+
 
 def run_stage(stage: StageConfig, stage_dir: Path, *, tokenizer, init_dir: Path | None,
               device: torch.device, dist: "parallel.Dist", parallel_cfg) -> StageSummary:
@@ -151,8 +393,8 @@ def run_stage(stage: StageConfig, stage_dir: Path, *, tokenizer, init_dir: Path 
     the surviving ranks instead of a backend traceback; torchrun then stops the job.
     """
     try:
-        return _train_stage(stage, stage_dir, tokenizer=tokenizer, init_dir=init_dir, device=device, dist=dist,
-                            parallel_cfg=parallel_cfg)
+        return Trainer(stage, stage_dir, tokenizer=tokenizer, init_dir=init_dir, device=device, dist=dist,
+                       parallel_cfg=parallel_cfg).fit()
     except Exception as err:
         if dist.world_size == 1 or not parallel.is_comm_failure(err):
             raise
@@ -161,185 +403,6 @@ def run_stage(stage: StageConfig, stage_dir: Path, *, tokenizer, init_dir: Path 
         raise PhitrainError(f"rank {dist.rank}: lost contact with another rank ({parallel.comm_failure_detail(err)}): "
                             f"a process died or a node was lost, so the job stops. Re-run the same command to "
                             f"resume {resume}") from None
-
-
-def _train_stage(stage: StageConfig, stage_dir: Path, *, tokenizer, init_dir: Path | None,
-                 device: torch.device, dist: "parallel.Dist", parallel_cfg) -> StageSummary:
-    from phitrain.data.windows import WindowLoader, load_validation_windows
-
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_root = stage_dir / "checkpoints"
-    if dist.is_main:
-        clean_partial(ckpt_root)
-    dist.barrier()
-
-    torch.manual_seed(stage.seed)
-    model = build_model(stage, tokenizer, init_dir)
-    precision = resolve_precision(stage.precision, device)
-    model.to(device)
-    accum = stage.grad_accum_steps(dist.world_size)
-    model_cfg = model.config
-    n_params = model.num_params()
-    flops_per_token = model.flops_per_token(stage.seq_len)
-
-    loader = WindowLoader(stage.data, stage.seq_len, stage.micro_batch_size, rank=dist.rank,
-                          world_size=dist.world_size)
-    val_windows = load_validation_windows(stage.data, stage.seq_len, stage.eval_windows)
-
-    # Resume: the newest complete checkpoint restores weights before wrapping, state after (sharded
-    # engines — FSDP2, DeepSpeed — then load their own sharded model and optimizer state).
-    state = None
-    ckpts = complete_checkpoints(ckpt_root)
-    if ckpts:
-        last_step, last_dir = ckpts[-1]
-        load_weights(model, {k: v.to(device) for k, v in read_state_dict(last_dir / MODEL_FILE).items()}, last_dir)
-        state = load_trainer_state(last_dir)
-        if dist.is_main:
-            print(f"[{stage.name}] resuming from {last_dir} (step {last_step})", flush=True)
-
-    engine = parallel.wrap(model, stage, parallel_cfg, dist, precision,
-                           build_optimizer=lambda m: build_optimizer(m, stage.optim))
-    optimizer = engine.optimizer if engine.optimizer is not None else build_optimizer(model, stage.optim)
-    scheduler = build_scheduler(optimizer, stage.optim, stage.max_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and not engine.owns_step)
-
-    step, tokens_seen, skipped, spikes = 0, 0, 0, 0
-    best = {"val_loss": math.inf, "step": None}
-    loss_ema = None
-    if state is not None:
-        saved_world = len(state["loader"])
-        if engine.sharded:
-            engine.load_sharded(last_dir, optimizer, saved_world_size=saved_world)
-        elif state["optimizer"] is None:
-            raise PhitrainError(f"{last_dir}: written with parallel.strategy {state.get('strategy')!r}, whose optimizer "
-                                "state is sharded; resume with that strategy")
-        else:
-            engine.load_optimizer_state(optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        # per-rank states; a resume on a different number of ranks takes rank 0's (the loader's state
-        # is a global position, the RNGs only drive dropout)
-        same_world = saved_world == dist.world_size
-        loader.load_state_dict(state["loader"][dist.rank if same_world else 0])
-        set_rng_state(state["rng"][dist.rank if same_world else 0])
-        if not same_world:
-            torch.manual_seed(stage.seed + 7919 * state["step"] + dist.rank)  # distinct dropout streams per rank
-        step, tokens_seen, skipped, spikes = state["step"], state["tokens_seen"], state["skipped"], state["spikes"]
-        best, loss_ema = state["best"], state["loss_ema"]
-    else:
-        torch.manual_seed(stage.seed + dist.rank)  # dropout streams differ per rank, repeatably
-
-    logger = MetricsLogger(stage_dir / "metrics.jsonl", resume_step=step, enabled=dist.is_main)
-    peak, peak_source = peak_tflops(device, precision, stage.peak_tflops)
-
-    def save(at_step: int) -> None:
-        # every rank writes into one staging directory (sharded state); rank 0 adds the rest and renames it
-        staging = Path(dist.broadcast_object(str(new_staging_dir(ckpt_root)) if dist.is_main else None))
-        engine.save_sharded(staging, optimizer)
-        trainer_state = {
-            "optimizer": None if engine.sharded else engine.optimizer_state(optimizer),
-            "strategy": engine.kind, "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "loader": dist.gather_object(loader.state_dict()),
-            "rng": dist.gather_object(rng_state()), "step": at_step, "tokens_seen": tokens_seen,
-            "skipped": skipped, "spikes": spikes, "best": best, "loss_ema": loss_ema,
-            "stage": stage.model_dump(mode="json"),
-        }
-        full = engine.full_state_dict(staging)
-        if dist.is_main:
-            model_copy = model_from_state(model_cfg, full, staging)
-            finish_train_checkpoint(staging, ckpt_root, at_step, model_copy, tokenizer, trainer_state)
-            best_steps = {best["step"]} if stage.keep_best and best["step"] is not None else set()
-            prune(ckpt_root, stage.keep_last, keep=best_steps)
-        dist.barrier()
-
-    def evaluate(at_step: int) -> float | None:
-        val = validation_loss(engine.module, val_windows, stage.micro_batch_size, device, precision)
-        engine.after_eval()
-        if val is not None:
-            logger.log({"step": at_step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
-        return val
-
-    val_start = evaluate(0) if step == 0 else _first_val(stage_dir)
-    first_loss = _first_loss(stage_dir) if step else None
-    progress = Progress(stage.name, stage.max_steps, completed=step, enabled=dist.is_main, file=sys.stdout,
-                        unit="step")
-    t_stage = time.perf_counter()
-    steps_timed, time_timed = 0, 0.0
-    loss_value = None
-    engine.module.train()
-    while step < stage.max_steps:
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            inputs, targets = next(loader)
-            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            with engine.sync_grads(micro == accum - 1), _autocast(device, precision):
-                loss = engine.module(inputs, targets)
-            engine.backward(scaler.scale(loss / accum))
-            loss_sum += loss.detach().float()
-        loss_value = float(dist.mean(loss_sum / accum))
-        grad_norm, stepped = engine.step(optimizer, scaler, stage.optim.grad_clip,
-                                         finite_loss=math.isfinite(loss_value))
-        scheduler.step()
-        step += 1
-        tokens_seen += stage.tokens_per_step
-        dt = time.perf_counter() - t0
-        if step > 1:  # the first step pays one-off costs (allocator warm-up, compile)
-            steps_timed, time_timed = steps_timed + 1, time_timed + dt
-        record = {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                  "tokens": tokens_seen, "tokens_per_s": stage.tokens_per_step / dt,
-                  "mfu": flops_per_token * stage.tokens_per_step / dt / (peak * 1e12),
-                  "step_time_s": dt, "mem_mb": _memory_mb(device)}
-        if not stepped:
-            skipped += 1
-            record["skipped"] = True
-        elif math.isfinite(loss_value):
-            if loss_ema is not None and step > stage.optim.warmup_steps and loss_value > stage.spike_factor * loss_ema:
-                spikes += 1
-                record["spike"] = True
-            loss_ema = loss_value if loss_ema is None else 0.9 * loss_ema + 0.1 * loss_value
-        if first_loss is None:
-            first_loss = loss_value
-        if step % stage.log_every == 0 or step == stage.max_steps or not stepped:
-            logger.log(record)
-        progress.update(step, f"loss {loss_value:.4f}  {record['tokens_per_s']:,.0f} tok/s")
-
-        is_last = step == stage.max_steps
-        do_save = (stage.save_every and step % stage.save_every == 0) or is_last
-        val = evaluate(step) if (stage.eval_every and step % stage.eval_every == 0) or is_last else None
-        if do_save and stage.keep_best:
-            # best-checkpoint selection only among saved steps, so the best one always exists on disk
-            val = evaluate(step) if val is None else val
-            if val is not None and val < best["val_loss"]:
-                best = {"val_loss": val, "step": step}
-        if do_save:
-            save(step)
-    progress.close()
-    logger.close()
-
-    # The stage's product: the best (keep_best) or last weights as a plain model checkpoint.
-    final_src = step
-    if stage.keep_best and best["step"] is not None:
-        final_src = best["step"]
-    if dist.is_main:
-        src_dir = dict(complete_checkpoints(ckpt_root))[final_src]
-        final_model, _ = load_checkpoint(src_dir)
-        save_checkpoint(stage_dir / FINAL_DIR, final_model, tokenizer)
-    wall = time.perf_counter() - t_stage
-    tok_s = stage.tokens_per_step * steps_timed / time_timed if time_timed else 0.0
-    records = read_metrics(stage_dir / "metrics.jsonl") if dist.is_main else []
-    summary = StageSummary(
-        stage=stage.name, steps=step, tokens=tokens_seen, skipped_steps=skipped, loss_spikes=spikes,
-        first_loss=first_loss, final_loss=loss_value, val_loss_start=val_start,
-        val_loss_end=_last_val(records), best_step=best["step"], tokens_per_s=tok_s,
-        mfu=flops_per_token * tok_s / (peak * 1e12), peak_tflops=peak, peak_source=peak_source,
-        precision=precision, device=str(device), wall_s=wall, params=n_params,
-        final_dir=str(stage_dir / FINAL_DIR))
-    if dist.is_main:
-        plot_metrics(records, stage_dir, stage.name)
-        atomic_write_text(stage_dir / SUMMARY_FILE, json.dumps(asdict(summary), indent=2) + "\n")
-    dist.barrier()
-    return summary
 
 
 def _memory_mb(device: torch.device) -> float:
