@@ -499,13 +499,21 @@ JUNK = {
 def pydoc_pages() -> list[tuple[str, bytes]]:
     """What `python -m pydoc -b` serves: module pages and help-topic pages, each with pydoc's navigation
     bar (Module Index : Topics : Keywords, Get/Search forms) and, on module pages, the index / source
-    file / Module Reference link bar."""
-    import pydoc
+    file / Module Reference link bar.
 
-    pages = [(f"http://localhost:7464/{m}.html", pydoc._url_handler(f"{m}.html", "text/html")) for m in PYDOC_MODULES]
-    pages += [(f"http://localhost:7464/topic?key={t}", pydoc._url_handler(f"topic?key={t}", "text/html"))
-              for t in PYDOC_TOPICS]
-    return [(url, html.encode("utf-8")) for url, html in pages]
+    Rendered in a child process, as pydoc's own server would: rendering a module page re-imports the
+    module (`forceload`), and re-importing `json` inside the test process would leave its exception
+    classes different from the ones already-imported code catches."""
+    script = (
+        "import json, pydoc, sys\n"
+        "modules, topics = json.loads(sys.argv[1])\n"
+        "pages = [(f'http://localhost:7464/{m}.html', pydoc._url_handler(f'{m}.html', 'text/html')) for m in modules]\n"
+        "pages += [(f'http://localhost:7464/topic?key={t}', pydoc._url_handler(f'topic?key={t}', 'text/html'))\n"
+        "          for t in topics]\n"
+        "sys.stdout.write(json.dumps(pages))\n")
+    out = subprocess.run([sys.executable, "-c", script, json.dumps([PYDOC_MODULES, PYDOC_TOPICS])],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    return [(url, html.encode("utf-8")) for url, html in json.loads(out)]
 
 
 @pytest.fixture(scope="module")
