@@ -46,7 +46,7 @@ def prepare_data(root: Path) -> Path:
 
 
 def write_recipe(root: Path, data: Path, args) -> Path:
-    stage = dict(name="pretrain", model="phi-1-small", model_overrides={"vocab_size": 2048},
+    stage = dict(name="pretrain", model="phi-1-small",
                  data={"data_dir": str(data), "sources": [{"path": "code", "weight": 1.0}]},
                  seq_len=args.seq_len, global_batch_size=2, micro_batch_size=1, max_steps=args.steps,
                  precision="fp32", eval_windows=2, save_every=args.steps, keep_last=1,

@@ -129,30 +129,22 @@ def running_server(checkpoint: Path, args) -> Iterator[Server]:
         proc.wait(timeout=60)
 
 
-def bench_throughput(server: Server, prompts: list[list[int]], clients: int, args) -> dict:
-    """`clients` threads, each sending `args.requests` requests in turn; tokens/s over the whole run."""
-    before = server.stats()
-    barrier = threading.Barrier(clients + 1)
-    results: list[tuple[int, float]] = []  # (completion tokens, seconds) per request
+def timed_clients(server: "Server", n: int, work) -> float:
+    """Run `work(index, http)` in `n` threads, each with its own HTTP client, released together; the wall
+    seconds from release until the last one finishes. A thread's exception is raised here."""
+    barrier = threading.Barrier(n + 1)
     errors: list[BaseException] = []
 
-    def client(index: int) -> None:
+    def run(index: int) -> None:
         try:
             with httpx.Client(base_url=server.base_url, timeout=600) as http:
                 barrier.wait()
-                for r in range(args.requests):
-                    prompt = prompts[(index * args.requests + r) % len(prompts)]
-                    start = time.perf_counter()
-                    resp = http.post("/completions", json={
-                        "model": server.model, "prompt": prompt, "max_tokens": args.max_tokens,
-                        "temperature": 0, "ignore_eos": True})
-                    resp.raise_for_status()
-                    results.append((resp.json()["usage"]["completion_tokens"], time.perf_counter() - start))
+                work(index, http)
         except BaseException as err:  # reported by the main thread
             errors.append(err)
             barrier.abort()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     barrier.wait()
@@ -162,6 +154,25 @@ def bench_throughput(server: Server, prompts: list[list[int]], clients: int, arg
     seconds = time.perf_counter() - start
     if errors:
         raise errors[0]
+    return seconds
+
+
+def bench_throughput(server: Server, prompts: list[list[int]], clients: int, args) -> dict:
+    """`clients` threads, each sending `args.requests` requests in turn; tokens/s over the whole run."""
+    before = server.stats()
+    results: list[tuple[int, float]] = []  # (completion tokens, seconds) per request
+
+    def client(index: int, http: httpx.Client) -> None:
+        for r in range(args.requests):
+            prompt = prompts[(index * args.requests + r) % len(prompts)]
+            start = time.perf_counter()
+            resp = http.post("/completions", json={
+                "model": server.model, "prompt": prompt, "max_tokens": args.max_tokens,
+                "temperature": 0, "ignore_eos": True})
+            resp.raise_for_status()
+            results.append((resp.json()["usage"]["completion_tokens"], time.perf_counter() - start))
+
+    seconds = timed_clients(server, clients, client)
     tokens = sum(n for n, _ in results)
     assert tokens == clients * args.requests * args.max_tokens, "a request ended early despite ignore_eos"
     after = server.stats()
@@ -223,39 +234,22 @@ def synth_request_bodies(recipe_data: dict, scratch: Path) -> tuple[list[dict], 
 
 def bench_raw_requests(server: Server, bodies: list[dict], concurrency: int) -> dict:
     """`bodies` POSTed to /completions by `concurrency` threads taking them from one shared queue."""
-    barrier = threading.Barrier(concurrency + 1)
     lock = threading.Lock()
     todo = iter(enumerate(bodies))
     answers: list[dict | None] = [None] * len(bodies)
-    errors: list[BaseException] = []
 
-    def worker() -> None:
-        try:
-            with httpx.Client(base_url=server.base_url, timeout=600) as http:
-                barrier.wait()
-                while True:
-                    with lock:
-                        nxt = next(todo, None)
-                    if nxt is None:
-                        return
-                    i, body = nxt
-                    resp = http.post("/completions", json=body)
-                    resp.raise_for_status()
-                    answers[i] = resp.json()
-        except BaseException as err:  # reported by the main thread
-            errors.append(err)
-            barrier.abort()
+    def worker(_: int, http: httpx.Client) -> None:
+        while True:
+            with lock:
+                nxt = next(todo, None)
+            if nxt is None:
+                return
+            i, body = nxt
+            resp = http.post("/completions", json=body)
+            resp.raise_for_status()
+            answers[i] = resp.json()
 
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
-    if errors:
-        raise errors[0]
+    seconds = timed_clients(server, concurrency, worker)
     return {"requests": len(bodies), "seconds": round(seconds, 3),
             "requests_per_s": round(len(bodies) / seconds, 3),
             "completion_tokens": sum(a["usage"]["completion_tokens"] for a in answers),
