@@ -134,6 +134,8 @@ def _generate(args: argparse.Namespace) -> None:
         raise PhitrainError(f"--top-k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise PhitrainError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.repetition_penalty <= 0:
+        raise PhitrainError(f"--repetition-penalty must be > 0, got {args.repetition_penalty}")
     model, tokenizer = load_checkpoint(args.ckpt_dir, device=resolve_device(args.device))
     if tokenizer is None:
         raise PhitrainError(f"{args.ckpt_dir}: checkpoint has no tokenizer/ directory to encode the prompt with")
@@ -142,7 +144,8 @@ def _generate(args: argparse.Namespace) -> None:
         raise PhitrainError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt in the "
                             f"model's context of {context} tokens")
     [text] = complete(model, tokenizer, [args.prompt], args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, stop=args.stop, seed=args.seed)
+                      top_k=args.top_k, top_p=args.top_p, stop=args.stop, seed=args.seed,
+                      stop_at_top_level=args.stop_at_top_level, repetition_penalty=args.repetition_penalty)
     print(text)
 
 
@@ -154,6 +157,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1.0 = off)")
+    p.add_argument("--stop-at-top-level", action="store_true",
+                   help="end at the first line starting in column 0 (the end of the prompt's definition)")
     p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="cut the completion before any of these")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -171,7 +177,8 @@ def _eval_humaneval(args: argparse.Namespace) -> None:
     run_humaneval(problems_path=args.problems, checkpoint=args.checkpoint, completions=args.completions,
                   out=args.out, n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                  ks=tuple(args.k), limit=args.limit, sandbox=sandbox, device=args.device)
+                  ks=tuple(args.k), limit=args.limit, sandbox=sandbox, device=args.device,
+                  repetition_penalty=args.repetition_penalty)
 
 
 def _eval_loglik(args: argparse.Namespace) -> None:
@@ -198,6 +205,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     he.add_argument("--n-samples", type=int, default=1, help="samples per problem (pass@k needs k <= n)")
     he.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (pass@1)")
     he.add_argument("--top-p", type=float, default=None)
+    he.add_argument("--repetition-penalty", type=float, default=1.0,
+                    help="divide the logits of tokens already present (1.0 = off, the paper's greedy pass@1)")
     he.add_argument("--max-new-tokens", type=int, default=384)
     he.add_argument("--batch-size", type=int, default=8)
     he.add_argument("--seed", type=int, default=0)
@@ -228,8 +237,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 # ---- quickstart ----------------------------------------------------------------------------------
 
 def _quickstart(args: argparse.Namespace) -> None:
-    from phitrain.quickstart import quickstart
+    from phitrain.quickstart import quickstart, quickstart_ablation
 
+    if args.ablation:
+        quickstart_ablation(args.run_dir, minutes=args.minutes, humaneval_limit=args.humaneval_limit,
+                            max_files=args.max_files)
+        return
     quickstart(args.run_dir, minutes=args.minutes, seed=args.seed, humaneval_limit=args.humaneval_limit,
                max_files=args.max_files)
 
@@ -241,7 +254,27 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--humaneval-limit", type=int, default=None, help="evaluate only the first N problems")
     p.add_argument("--max-files", type=int, default=None, help="use only N stdlib files (a fast smoke run)")
+    p.add_argument("--ablation", action="store_true", help="instead: phi-1's data ablation (raw vs filtered "
+                                                           "code vs exercises, 2 seeds) in the same budget")
     p.set_defaults(func=_quickstart)
+
+
+def _ablate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from phitrain.ablate import ablate, load_ablation
+
+    ablate(load_ablation(args.recipe, args.set), args.run_dir, base_dir=Path(args.recipe).parent)
+
+
+def _add_ablate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ablate", help="phi-1's data ablation: the same model and tokens on raw code, filtered "
+                                      "code, filtered code + exercises (+ synthetic), seeds repeated; one report")
+    p.add_argument("recipe", help="ablation YAML (e.g. recipes/ablate-tiny.yaml)")
+    p.add_argument("--run-dir", required=True, help="data, runs, report.md, results.json, loss.png (re-run to resume)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value, e.g. --set minutes=20 or --set seeds=[0,1,2] (repeatable)")
+    p.set_defaults(func=_ablate)
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -328,7 +361,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
 # ---- main ----------------------------------------------------------------------------------------
 
-_GROUPS = [_add_model, _add_train, _add_quickstart, _add_tokenizer, _add_checkpoint, _add_convert, _add_generate,
+_GROUPS = [_add_model, _add_train, _add_quickstart, _add_ablate, _add_tokenizer, _add_checkpoint, _add_convert, _add_generate,
            _add_eval, _add_data, _add_serve, _add_synth]
 
 

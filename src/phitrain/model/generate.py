@@ -3,12 +3,17 @@
 Prompts of different lengths are left-padded into one batch; an attention mask hides the padding and
 position ids count only real tokens (so a padded row computes exactly what it would alone). Decoding is
 greedy at temperature 0, else sampling with optional top-k and top-p (nucleus, Holtzman et al. 2020).
+A repetition penalty (Keskar et al. 2019, CTRL §4.1; transformers' definition) divides the positive
+logits and multiplies the negative ones of every token already in the row, so a small model's greedy
+output does not fall into the loops it otherwise prefers; `stop_at_top_level` ends a completion at the
+first line that starts in column 0 (the end of the definition the prompt opened).
 `use_cache=False` recomputes the whole sequence each step: slow, but the reference the cached path must
 match token for token.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Sequence
 
 import torch
@@ -34,6 +39,18 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: 
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def penalize_repeats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Last-position logits [B, V] with the tokens present in `ids` [B, T] (where `mask` is 1) penalised."""
+    seen = torch.zeros(logits.shape, dtype=torch.long, device=logits.device).scatter_add_(1, ids, mask) > 0
+    logits = logits.float()
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+# A line that starts in column 0 with something other than a closing bracket ends a top-level definition.
+TOP_LEVEL_LINE = re.compile(r"\n(?=[^\s)\]}])")
 
 
 def left_pad(prompts: Sequence[Sequence[int]], width: int, device) -> tuple[torch.Tensor, ...]:
@@ -67,6 +84,7 @@ def generate(
     stop_fn: Callable[[int, list[int]], bool] | None = None,
     seed: int | None = None,
     use_cache: bool = True,
+    repetition_penalty: float = 1.0,
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` for each prompt; returns the new tokens only.
 
@@ -95,6 +113,8 @@ def generate(
     logits = model(ids[:, :end], position_ids=positions[:, :end],
                    attention_mask=mask[:, :end] if padded else None, cache=cache)[:, -1]
     for _ in range(max_new_tokens):
+        if repetition_penalty != 1.0:
+            logits = penalize_repeats(logits, ids[:, :end], mask[:, :end], repetition_penalty)
         next_ids = _sample(logits, temperature, top_k, top_p, generator)
         ids[:, end] = next_ids
         end += 1
@@ -127,10 +147,13 @@ def complete(
     top_k: int | None = None,
     top_p: float | None = None,
     stop: Sequence[str] = (),
+    stop_at_top_level: bool = False,
+    repetition_penalty: float = 1.0,
     seed: int | None = None,
     batch_size: int = 8,
 ) -> list[str]:
-    """Text in, completion text out, cut before the first stop string (HumanEval-style stop sequences).
+    """Text in, completion text out, cut before the first stop string (HumanEval-style stop sequences)
+    or, with `stop_at_top_level`, before the first line that starts in column 0.
 
     Prompts longer than the context are truncated from the left so that `max_new_tokens` still fit.
     """
@@ -143,15 +166,21 @@ def complete(
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start:start + batch_size]
 
+        def cut_at(text: str) -> int | None:
+            cuts = [text.find(s) for s in stop if s in text]
+            if stop_at_top_level and (m := TOP_LEVEL_LINE.search(text)):
+                cuts.append(m.start())
+            return min(cuts, default=None)
+
         def stop_fn(row: int, new: list[int]) -> bool:
-            text = tokenizer.decode(new)
-            return any(s in text for s in stop)
+            return cut_at(tokenizer.decode(new)) is not None
 
         new_tokens = generate(model, batch, max_new_tokens, temperature=temperature, top_k=top_k,
-                              top_p=top_p, eos_id=tokenizer.eos_id, stop_fn=stop_fn if stop else None,
-                              seed=None if seed is None else seed + start)
+                              top_p=top_p, eos_id=tokenizer.eos_id,
+                              stop_fn=stop_fn if stop or stop_at_top_level else None,
+                              seed=None if seed is None else seed + start, repetition_penalty=repetition_penalty)
         for toks in new_tokens:
             text = tokenizer.decode([t for t in toks if t != tokenizer.eos_id])
-            cut = min((text.find(s) for s in stop if s in text), default=len(text))
-            texts.append(text[:cut])
+            cut = cut_at(text)
+            texts.append(text if cut is None else text[:cut])
     return texts
