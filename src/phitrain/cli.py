@@ -48,6 +48,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_train)
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from phitrain.train.sweep import load_sweep, run_sweep
+
+    sweep, sweep_dir = load_sweep(args.sweep, args.set)
+    run_sweep(sweep, args.run_dir, sweep_dir=sweep_dir, source=args.sweep, force=args.force)
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="short-horizon LR / batch / warm-up / weight-decay sweep, fitted and "
+                                     "extrapolated, plus a warm-up stress test; re-run to resume")
+    p.add_argument("sweep", help="sweep YAML (e.g. recipes/sweep-tiny.yaml)")
+    p.add_argument("--run-dir", required=True, help="directory for trials, sweep.md, plots, sweep.json, "
+                                                     "recommended.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a sweep value, e.g. --set parallel_trials=2 (repeatable)")
+    p.add_argument("--force", action="store_true", help="continue trials whose stage changed")
+    p.set_defaults(func=_sweep)
+
+
 # ---- tokenizer -----------------------------------------------------------------------------------
 
 def _tokenizer_train(args: argparse.Namespace) -> None:
@@ -361,7 +380,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
 # ---- main ----------------------------------------------------------------------------------------
 
-_GROUPS = [_add_model, _add_train, _add_quickstart, _add_ablate, _add_tokenizer, _add_checkpoint, _add_convert, _add_generate,
+_GROUPS = [_add_model, _add_train, _add_sweep, _add_quickstart, _add_ablate, _add_tokenizer, _add_checkpoint, _add_convert, _add_generate,
            _add_eval, _add_data, _add_serve, _add_synth]
 
 
