@@ -413,3 +413,33 @@ def test_deepspeed_single_process_zero3_bf16_and_refuses_other_world(recipe, sin
     out = train(recipe, resumed, 2, *sets, check=False)
     assert out.returncode != 0
     assert "resumes only on the same number" in out.stdout + out.stderr
+
+
+def test_return_freed_memory_defaults_to_the_sharded_strategies(monkeypatch):
+    """`parallel.return_freed_memory` (auto) sets glibc's mmap threshold for fsdp/deepspeed on CPU only."""
+    import torch
+
+    from phitrain.config import ParallelConfig
+    from phitrain.train import parallel
+
+    calls = []
+    monkeypatch.setattr(parallel, "return_freed_memory_to_os", lambda report: calls.append(report) or True)
+    stage = StageConfig.model_validate(dict(
+        name="s", model="phi-1-tiny", data={"data_dir": "d", "sources": [{"path": "a", "weight": 1.0}]},
+        seq_len=32, global_batch_size=4, micro_batch_size=4, max_steps=1))
+    cpu, dist = torch.device("cpu"), parallel.Dist()
+    parallel.make_engine(stage, ParallelConfig(strategy="none"), dist, "fp32", cpu)
+    assert calls == []
+    parallel.make_engine(stage, ParallelConfig(strategy="fsdp"), dist, "fp32", cpu)
+    assert calls == [True]
+    parallel.make_engine(stage, ParallelConfig(strategy="fsdp"), dist, "fp32", torch.device("meta"))
+    parallel.make_engine(stage, ParallelConfig(strategy="fsdp", return_freed_memory=False), dist, "fp32", cpu)
+    assert calls == [True]
+    parallel.make_engine(stage, ParallelConfig(strategy="none", return_freed_memory=True), dist, "fp32", cpu)
+    assert calls == [True, True]
+
+
+def test_return_freed_memory_takes_effect_on_glibc():
+    from phitrain.train.parallel import return_freed_memory_to_os
+
+    assert return_freed_memory_to_os(report=True) is True     # this machine's C library is glibc

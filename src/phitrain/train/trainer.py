@@ -236,7 +236,7 @@ class Trainer:
         self.model_cfg = model_config(stage, tokenizer, init_dir)
         with torch.device("meta"):
             model = PhiModel(self.model_cfg)
-        self.engine = parallel.make_engine(stage, parallel_cfg, dist, self.precision)
+        self.engine = parallel.make_engine(stage, parallel_cfg, dist, self.precision, device)
         parallel.apply_block_options(model, stage)
         self.engine.shard(model)                  # FSDP2: each rank keeps only its shards from here on
         on_meta = all(p.is_meta for p in model.parameters())
