@@ -800,3 +800,34 @@ def test_ray_executor_on_a_local_head_matches_local_shards(tmp_path):
     finally:
         ray.shutdown()
     assert_same_outputs(outputs(tmp_path / "ray-out"), outputs(tmp_path / "local"))
+
+
+def test_tokenizer_sample_is_even_and_bounded(tmp_path):
+    """Above `train_max_bytes` the BPE trains on an even sample (every source file contributes, about the
+    budget in total, the same documents each time); at or below it on every document."""
+    from phitrain.data.pipeline import TrainTokenizer
+
+    docs = tmp_path / "docs"
+    texts = {}
+    for name in ("a", "b"):
+        for task in range(2):
+            path = docs / name / "train" / f"{task:05d}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rows = [f"def {name}{task}_{i}(x):\n    return x + {i}\n" * 20 for i in range(200)]
+            texts[path] = rows
+            path.write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    total = sum(p.stat().st_size for p in texts)
+
+    def sample(budget):
+        recipe = DataRecipe.model_validate({"sources": [{"name": "a", "kind": "stdlib"}],
+                                            "tokenizer": {"train_max_bytes": budget}})
+        return list(TrainTokenizer(recipe, ["a", "b"], str(docs), str(tmp_path / "tok")).texts())
+
+    everything = [t for rows in texts.values() for t in rows]
+    assert sample(None) == everything and sample(total) == everything
+    part = sample(total // 4)
+    assert part == sample(total // 4)                                    # deterministic
+    share = sum(len(json.dumps({"text": t})) + 1 for t in part) / total
+    assert 0.18 < share < 0.32, share
+    for rows in texts.values():                                          # every file contributes
+        assert 20 < sum(t in set(rows) for t in part) < 90

@@ -463,8 +463,9 @@ class ExercisesConfig(Config):
 
 
 class DataTokenizerConfig(Config):
-    """Which tokenizer the shards use: train a byte-level BPE on the kept train documents ("train"), or
-    load one (`spec`: a saved directory, a tokenizer.json, "cl100k_base")."""
+    """Which tokenizer the shards use: train a byte-level BPE on the kept train documents ("train") —
+    all of them, or an even sample of about `train_max_bytes` when there are more — or load one (`spec`: a
+    saved directory, a tokenizer.json, "cl100k_base")."""
 
     train: bool = True
     vocab_size: int = 8192

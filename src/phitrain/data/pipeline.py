@@ -51,7 +51,7 @@ from phitrain.data.clean import Clean
 from phitrain.data.decontam import DecontaminateAndMine
 from phitrain.data.dedup import Clusters, CountDedup, Signatures, cluster_report, minhash_config
 from phitrain.data.executors import make_executors
-from phitrain.data.quality import QualityFilter, QualityFit, QualityModel
+from phitrain.data.quality import QualityFilter, QualityFit, QualityModel, sample_key
 from phitrain.data.shards import MANIFEST, ShardWriter, token_dtype
 from phitrain.data.sources import SourceReader
 from phitrain.data.web import WebFilters
@@ -101,8 +101,10 @@ class Split(PipelineStep):
 
 
 class TrainTokenizer(PipelineStep):
-    """Stage `tokenizer` (one task): train the byte-level BPE on the kept train documents (sources in
-    recipe order, tasks in order, up to `train_max_bytes`), or save the recipe's tokenizer."""
+    """Stage `tokenizer` (one task): train the byte-level BPE on the kept train documents, or save the
+    recipe's tokenizer. A corpus larger than `train_max_bytes` is sampled evenly (each document kept with
+    probability budget / total, by a hash of its text, so the sample spans every source and task and does
+    not depend on the task count): the trainer's memory is bounded by the budget, not the corpus."""
 
     name = "🔤 tokenizer"
     type = "phitrain"
@@ -110,19 +112,19 @@ class TrainTokenizer(PipelineStep):
     def __init__(self, recipe: DataRecipe, names: list[str], docs_dir: str, out_dir: str):
         super().__init__()
         self.tcfg, self.names, self.docs_dir, self.out_dir = recipe.tokenizer, names, Path(docs_dir), Path(out_dir)
+        self.seed = recipe.seed
 
     def texts(self):
+        files = [path for name in self.names for path in sorted((self.docs_dir / name / "train").glob("*.jsonl"))]
+        total = sum(path.stat().st_size for path in files)
         budget = self.tcfg.train_max_bytes
-        for name in self.names:
-            for path in sorted((self.docs_dir / name / "train").glob("*.jsonl")):
-                with path.open(encoding="utf-8") as f:
-                    for line in f:
-                        text = json.loads(line)["text"]
+        threshold = 2**64 if budget is None or total <= budget else int(2**64 * budget / total)
+        for path in files:
+            with path.open(encoding="utf-8") as f:
+                for line in f:
+                    text = json.loads(line)["text"]
+                    if sample_key(text, self.seed) < threshold:
                         yield text
-                        if budget is not None:
-                            budget -= len(text)
-                            if budget <= 0:
-                                return
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         from phitrain.tokenizer import load_tokenizer, train_bpe

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -31,7 +32,10 @@ from phitrain.errors import PhitrainError
 from phitrain.files import atomic_path, atomic_write_text, read_json
 
 MANIFEST = "manifest.json"
-_ENCODE_BATCH = 256  # documents per encode_batch call: bounds a worker's memory to a few MB of ids
+# Text per encode_batch call. Bounded in bytes, not documents: the tokenizer's per-token objects (HF
+# Encodings, then Python ints) take ~100 bytes a token, so 256 documents of a large-file corpus could
+# take hundreds of MB; 1 MB of text stays near 40 MB whatever the documents' sizes.
+_ENCODE_BYTES = 1 << 20
 
 
 
@@ -43,6 +47,20 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def _write_npy(path: Path, arr: np.ndarray) -> None:
     with atomic_path(path) as tmp, tmp.open("wb") as f:
         np.save(f, arr)
+
+
+def _batches(lines) -> Iterator[list[str]]:
+    """The `text` of each JSONL line, grouped into lists of about `_ENCODE_BYTES` (at least one text)."""
+    batch: list[str] = []
+    size = 0
+    for line in lines:
+        batch.append(json.loads(line)["text"])
+        size += len(line)
+        if size >= _ENCODE_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _encode(tok, texts: list[str]) -> list[list[int]]:
@@ -62,7 +80,7 @@ def shard_name(index: int) -> str:
 def write_shard(docs_path: Path, out_dir: Path, index: int, tok) -> dict:
     """Tokenise the documents of one JSONL file (one task's share of a source and split) into shard
     `index` of `out_dir` and return the shard's record. Streams: documents are read, encoded and appended
-    `_ENCODE_BATCH` at a time, so memory does not grow with the file. A shard whose record names the same
+    about `_ENCODE_BYTES` of text at a time, so memory does not grow with the file or its documents. A shard whose record names the same
     input hash and tokenizer fingerprint is kept as it is."""
     name = shard_name(index)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,10 +103,7 @@ def write_shard(docs_path: Path, out_dir: Path, index: int, tok) -> dict:
     total = 0
 
     with atomic_path(out_dir / f"{name}.bin") as tmp, docs_path.open(encoding="utf-8") as src, tmp.open("wb") as out:
-        while True:
-            texts = [json.loads(line)["text"] for _, line in zip(range(_ENCODE_BATCH), src)]
-            if not texts:
-                break
+        for texts in _batches(src):
             for ids in _encode(tok, texts):
                 arr = np.empty(len(ids) + 1, dtype=dtype)
                 arr[:-1] = ids
