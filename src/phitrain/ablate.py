@@ -179,6 +179,7 @@ def calibrate(cfg: AblationConfig, data: dict[str, Path], code: list[str], vocab
 
     probe = arm_recipe(cfg, "filtered", cfg.seeds[0], 4, data, code, vocab_size)
     probe.stages[0].eval_windows = 1
+    shutil.rmtree(root, ignore_errors=True)   # a probe a killed run left behind may be another config's
     (summary,) = _quiet_run(probe, root)
     shutil.rmtree(root, ignore_errors=True)
     return probe.stages[0].tokens_per_step / summary.tokens_per_s
