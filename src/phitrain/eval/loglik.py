@@ -49,6 +49,7 @@ def score_continuations(model, tokenizer, pairs: Sequence[tuple[str, str]], *,
     return score_sequences(model, encoded, batch_size)
 
 
+@torch.no_grad()
 def score_sequences(model, encoded: list[tuple[list[int], int]], batch_size: int) -> list[tuple[float, bool]]:
     """Score the last n tokens of each sequence (n given); longest first so padding is small."""
     device = next(model.parameters()).device
