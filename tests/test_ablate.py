@@ -62,6 +62,7 @@ def test_ablate_reports_every_arm_with_equal_tokens(tmp_path, capsys):
     assert main(["ablate", str(path), "--run-dir", str(run_dir)]) == 0
     assert {p: p.stat().st_mtime_ns for p in run_dir.glob("runs/*/*/summary.json")} == before
     assert json.loads((run_dir / "results.json").read_text())["summary"] == out["summary"]
+    assert len(list(run_dir.glob("runs/*/ablation.json"))) == 6          # evaluations kept, not redone
 
 
 def _rows(arm: str, values: list[float]) -> list[dict]:

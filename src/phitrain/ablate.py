@@ -143,10 +143,10 @@ def arm_recipe(cfg: AblationConfig, arm: str, seed: int, steps: int, data: dict[
     common = dict(seq_len=cfg.seq_len, global_batch_size=cfg.global_batch_size, micro_batch_size=cfg.micro_batch_size,
                   precision=cfg.precision, seed=seed, eval_windows=cfg.eval_windows, keep_last=1)
     pre_steps = steps - max(1, round(steps * cfg.finetune_fraction)) if arm == "exercises" else steps
-    sources = {"raw": mixture(data["raw"], code_weights), "filtered": mixture(data["filtered"], code_weights),
-               "exercises": mixture(data["filtered"], code_weights),
-               "synthetic": mixture(data["filtered"], [(n, w * (1 - cfg.synthetic_weight)) for n, w in code_weights]
-                                    + [(cfg.synthetic or "", cfg.synthetic_weight)])}[arm]
+    if arm == "synthetic":
+        code_weights = [(n, w * (1 - cfg.synthetic_weight)) for n, w in code_weights]
+        code_weights.append((cfg.synthetic, cfg.synthetic_weight))
+    sources = mixture(data["raw"] if arm == "raw" else data["filtered"], code_weights)
     stages = [dict(name="pretrain", kind="pretrain", model=cfg.model,
                    model_overrides={**cfg.model_overrides, "vocab_size": vocab_size}, data=sources,
                    max_steps=pre_steps, optim=dict(lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -171,18 +171,6 @@ def _quiet_run(recipe: RecipeConfig, run_dir: Path):
 
     with contextlib.redirect_stdout(io.StringIO()):   # one line per run instead of every progress bar
         return run_recipe(recipe, run_dir)
-
-
-def calibrate(cfg: AblationConfig, data: dict[str, Path], code: list[str], vocab_size: int, root: Path) -> float:
-    """Seconds per optimizer step, timed on a 4-step run of the filtered arm's own stage."""
-    import shutil
-
-    probe = arm_recipe(cfg, "filtered", cfg.seeds[0], 4, data, code, vocab_size)
-    probe.stages[0].eval_windows = 1
-    shutil.rmtree(root, ignore_errors=True)   # a probe a killed run left behind may be another config's
-    (summary,) = _quiet_run(probe, root)
-    shutil.rmtree(root, ignore_errors=True)
-    return probe.stages[0].tokens_per_step / summary.tokens_per_s
 
 
 def evaluate_final(final: Path, heldout, problems: dict, cfg: AblationConfig) -> dict[str, float]:
@@ -231,7 +219,11 @@ def ablate(cfg: AblationConfig, run_dir: str | Path, base_dir: str | Path = ".")
         plan = {"config": cfg.model_dump(mode="json"), "steps": cfg.steps,
                 "budget": f"{cfg.steps} steps per run, set in the ablation file"}
         if cfg.steps is None:
-            step_s = calibrate(cfg, data, code, vocab_size, run_dir / "calibration")
+            from phitrain.train.recipe import seconds_per_step
+
+            # timed on a 4-step run of the filtered arm's own stage
+            step_s = seconds_per_step(arm_recipe(cfg, "filtered", cfg.seeds[0], 4, data, code, vocab_size),
+                                      run_dir / "calibration")
             left = cfg.minutes * 60 - (time.perf_counter() - start)
             plan["steps"] = max(10, int(left * (1 - EVAL_SHARE) / len(runs) / step_s))
             plan["budget"] = (f"{plan['steps']} steps per run, from the {cfg.minutes:g}-minute budget: "
@@ -248,14 +240,19 @@ def ablate(cfg: AblationConfig, run_dir: str | Path, base_dir: str | Path = ".")
     problems = read_problems(cfg.problems)
     results: list[dict[str, Any]] = []
     for arm, seed in runs:
-        recipe = arm_recipe(cfg, arm, seed, steps, data, code, vocab_size)
         run_path = run_dir / "runs" / f"{arm}-seed{seed}"
-        t0 = time.perf_counter()
-        summaries = _quiet_run(recipe, run_path)
-        metrics = evaluate_final(Path(summaries[-1].final_dir), heldout, problems, cfg)
-        results.append({"arm": arm, "seed": seed, "run_dir": str(run_path),
-                        "tokens": sum(s.tokens for s in summaries), "wall_s": round(time.perf_counter() - t0, 1),
-                        **{k: round(v, 6) for k, v in metrics.items()}})
+        result_path = run_path / "ablation.json"   # a finished run's evaluation under this ablation file:
+        saved = read_json(result_path) if result_path.is_file() else {}   # a re-run does not redo it
+        if saved.get("config") == plan["config"]:
+            results.append(saved["result"])
+        else:
+            t0 = time.perf_counter()
+            summaries = _quiet_run(arm_recipe(cfg, arm, seed, steps, data, code, vocab_size), run_path)
+            metrics = evaluate_final(Path(summaries[-1].final_dir), heldout, problems, cfg)
+            results.append({"arm": arm, "seed": seed, "run_dir": str(run_path),
+                            "tokens": sum(s.tokens for s in summaries), "wall_s": round(time.perf_counter() - t0, 1),
+                            **{k: round(v, 6) for k, v in metrics.items()}})
+            atomic_write_text(result_path, json.dumps({"config": plan["config"], "result": results[-1]}, indent=2) + "\n")
         print(f"   {arm:<10} seed {seed}: " + ", ".join(f"{k} {results[-1][k]:.4f}" for k in METRICS), flush=True)
     print("== ablation 3/3 report", flush=True)
     out = {"name": cfg.name, "arms": cfg.arms, "seeds": cfg.seeds, "steps": steps, "tokens_per_run": tokens,

@@ -16,10 +16,7 @@ calibration), so the run fits the budget on slower or faster machines; the repor
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import shutil
 import time
 from importlib import resources
 from pathlib import Path
@@ -97,19 +94,6 @@ def _train_recipe(data_dir: Path, vocab_size: int, pretrain_steps: int, finetune
         ]))
 
 
-def _calibrate(data_dir: Path, vocab_size: int, run_dir: Path, seed: int) -> float:
-    """Seconds per optimizer step of the real pretraining stage, from a 5-step run of the trainer itself."""
-    from phitrain.train.recipe import run_recipe
-
-    probe = _train_recipe(data_dir, vocab_size, 5, 1, seed)
-    probe.stages = probe.stages[:1]
-    probe.stages[0].eval_windows = 1
-    with contextlib.redirect_stdout(io.StringIO()):  # the probe's own progress and table are noise here
-        (summary,) = run_recipe(probe, run_dir, force=True)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return probe.stages[0].tokens_per_step / summary.tokens_per_s
-
-
 def quickstart(run_dir: str | Path = "runs/quickstart", minutes: float = 10.0, seed: int = 0,
                humaneval_limit: int | None = None, max_files: int | None = None) -> dict:
     """Run the whole pipeline into `run_dir`; returns the results also written to `results.json`.
@@ -123,7 +107,7 @@ def quickstart(run_dir: str | Path = "runs/quickstart", minutes: float = 10.0, s
     from phitrain.model.generate import complete
     from phitrain.checkpoint import load_checkpoint
     from phitrain.tokenizer import load_tokenizer
-    from phitrain.train.recipe import print_summary, run_recipe, write_report
+    from phitrain.train.recipe import print_summary, run_recipe, seconds_per_step, write_report
 
     start = time.perf_counter()
     run_dir = Path(run_dir)
@@ -138,7 +122,8 @@ def quickstart(run_dir: str | Path = "runs/quickstart", minutes: float = 10.0, s
 
     print("== 2/4 train: pretrain phi-1-tiny on code, finetune on exercises", flush=True)
     vocab_size = load_tokenizer(data_dir / "tokenizer").padded_vocab_size(64)
-    step_s = _calibrate(data_dir, vocab_size, run_dir / "calibration", seed)
+    # seconds per step of the real pretraining stage, from a 5-step run of the trainer itself
+    step_s = seconds_per_step(_train_recipe(data_dir, vocab_size, 5, 1, seed), run_dir / "calibration")
     remaining = max(60.0, budget - (time.perf_counter() - start))
     pretrain_steps = max(20, int(remaining * PRETRAIN_SHARE / step_s))
     finetune_steps = max(10, int(remaining * FINETUNE_SHARE / step_s))

@@ -93,6 +93,25 @@ def run_recipe(recipe: RecipeConfig, run_dir: str | Path, force: bool = False) -
     return summaries
 
 
+def seconds_per_step(probe: RecipeConfig, run_dir: Path) -> float:
+    """Seconds per optimizer step of `probe`'s first stage, timed by running it (a few steps) with the
+    trainer itself in `run_dir`, quietly; the directory is removed before (a killed probe may have left
+    another configuration's) and after. How the quickstart and `ablate` fit their step counts to a
+    time budget."""
+    import contextlib
+    import io
+    import shutil
+
+    probe = probe.model_copy(deep=True)
+    probe.stages = probe.stages[:1]
+    probe.stages[0].eval_windows = 1
+    shutil.rmtree(run_dir, ignore_errors=True)
+    with contextlib.redirect_stdout(io.StringIO()):   # the probe's own progress and table are noise here
+        (summary,) = run_recipe(probe, run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return probe.stages[0].tokens_per_step / summary.tokens_per_s
+
+
 def _fmt(x, spec=".4f") -> str:
     return "—" if x is None else format(x, spec)
 
