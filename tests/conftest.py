@@ -36,6 +36,19 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def phitrain_cache_dir(tmp_path_factory):
+    """This session's compile records and inductor cache (`phitrain.compile_cache`), not the user's: a
+    record left by other runs must not change what `compile: auto` decides in a test."""
+    before = os.environ.get("PHITRAIN_CACHE_DIR")
+    os.environ["PHITRAIN_CACHE_DIR"] = str(tmp_path_factory.mktemp("phitrain-cache"))
+    yield
+    if before is None:
+        os.environ.pop("PHITRAIN_CACHE_DIR")
+    else:
+        os.environ["PHITRAIN_CACHE_DIR"] = before
+
+
 @pytest.fixture
 def torch_single_thread():
     """Run a test with one intra-op thread. Tiny models gain nothing from a second thread, and on a

@@ -42,6 +42,21 @@ def test_cached_equals_uncached_when_sampling(name):
     assert generate(model, prompts, 16, **kw) == generate(model, prompts, 16, use_cache=False, **kw)
 
 
+@pytest.mark.parametrize("name", ["parallel-hd80-qknorm", "sequential-gqa4"])
+def test_compiled_decode_gives_the_eager_greedy_tokens(name):
+    """The compiled static-cache decode step computes what the eager path does: the same greedy tokens
+    on a left-padded batch (masked graph), on one unpadded prompt (unmasked graph, another batch size),
+    and again on a second call that reuses the decoder's cache and graphs."""
+    model = random_phitrain_model(tiny_config(name), seed=11)
+    prompts = _prompts(model.config)
+    eager = generate(model, prompts, 24)
+    assert generate(model, prompts, 24, compile=True) == eager
+    assert generate(model, prompts[1:2], 30, compile=True) == generate(model, prompts[1:2], 30)
+    assert generate(model, prompts, 24, compile=True) == eager
+    with pytest.raises(ValueError, match="use_cache"):
+        generate(model, prompts, 4, compile=True, use_cache=False)
+
+
 def test_sampling_is_repeatable_with_a_seed_and_top_k_1_is_greedy():
     model = random_phitrain_model(tiny_config("parallel-hd64"), seed=13)
     prompts = _prompts(model.config, (5, 8))

@@ -59,12 +59,14 @@ class Collector:
         return "".join(self.chunks)
 
 
-def test_rows_join_and_leave_a_running_batch_and_compute_what_they_would_alone(loaded):
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_rows_join_and_leave_a_running_batch_and_compute_what_they_would_alone(loaded, compile):
     """Rows admitted mid-generation with prompts longer and shorter than the running batch's cache,
-    greedy and seeded-sampled rows in one batch, a cancelled row: each finished row equals generate()."""
+    greedy and seeded-sampled rows in one batch, a cancelled row: each finished row equals generate().
+    Compiled, the decode step runs as one graph over batches whose rows and widths keep changing."""
     model, tokenizer = loaded
     eos = tokenizer.eos_id
-    engine = BatchEngine(model, tokenizer, max_batch_size=3)
+    engine = BatchEngine(model, tokenizer, max_batch_size=3, compile=compile)
     prompts = {"a": [5, 9, 11], "b": list(range(20, 60)), "c": [7], "d": [3, 4, 5, 6], "e": [8, 8]}
     params = {"a": SamplingParams(40, ignore_eos=True),
               "b": SamplingParams(12, temperature=1.0, top_k=40, seed=11, ignore_eos=True),

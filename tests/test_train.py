@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -229,3 +230,45 @@ def test_activation_checkpointing_gives_the_same_losses(data_dir, tmp_path):
     a, _ = load_checkpoint(plain[0].final_dir)
     b, _ = load_checkpoint(ckpt[0].final_dir)
     assert list(a.state_dict()) == list(b.state_dict())  # parameter names (the checkpoint format) unchanged
+
+
+def test_compile_auto_stays_eager_when_the_run_is_too_short_to_pay(data_dir, tmp_path, capsys):
+    (summary,) = run_recipe(RecipeConfig.model_validate(recipe_dict(data_dir, max_steps=5)), tmp_path / "run")
+    assert summary.compiled_at_step is None
+    assert "compile auto: stays eager" in capsys.readouterr().out
+
+
+def test_compile_auto_compiles_when_it_pays_and_a_resume_compiles_again(data_dir, tmp_path, monkeypatch, capsys):
+    """With compiling assumed free, auto compiles the blocks after step 3, records what the compile cost,
+    trains to the eager run's losses, and a run resumed after that step compiles again before its first
+    step (so its losses are the uninterrupted compiled run's)."""
+    from phitrain import compile_cache
+    from phitrain.train import trainer
+
+    monkeypatch.setitem(trainer.DEFAULT_COMPILE_S, "cpu", 0.0)
+    monkeypatch.setenv("PHITRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = RecipeConfig.model_validate(recipe_dict(data_dir, max_steps=6, save_every=4))
+    (summary,) = run_recipe(recipe, tmp_path / "run")
+    assert summary.compiled_at_step == 3
+    assert "compile auto: compiling the blocks" in capsys.readouterr().out
+    (seconds,) = json.loads((tmp_path / "cache" / compile_cache.TIMES_FILE).read_text()).values()
+    assert seconds >= 0
+    def train_losses(stage_dir):
+        return [loss for _, loss, _ in losses(stage_dir) if loss is not None]
+
+    compiled = train_losses(tmp_path / "run" / "pretrain")
+    assert len(compiled) == 6
+
+    eager = RecipeConfig.model_validate(recipe_dict(data_dir, max_steps=6, save_every=4, compile=False))
+    run_recipe(eager, tmp_path / "eager")
+    assert compiled == pytest.approx(train_losses(tmp_path / "eager" / "pretrain"), rel=1e-4)
+
+    stage = tmp_path / "run" / "pretrain"   # back to the step-4 checkpoint, as if killed after it
+    for gone in (stage / "checkpoints" / "step-000006", stage / trainer.FINAL_DIR):
+        shutil.rmtree(gone)
+    (stage / trainer.SUMMARY_FILE).unlink()
+    capsys.readouterr()
+    (resumed,) = run_recipe(recipe, tmp_path / "run")
+    assert "compiling the blocks again (the run compiled them after step 3)" in capsys.readouterr().out
+    assert resumed.compiled_at_step == 3
+    assert train_losses(stage) == pytest.approx(compiled, rel=1e-6)

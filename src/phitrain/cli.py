@@ -164,7 +164,8 @@ def _generate(args: argparse.Namespace) -> None:
                             f"model's context of {context} tokens")
     [text] = complete(model, tokenizer, [args.prompt], args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, stop=args.stop, seed=args.seed,
-                      stop_at_top_level=args.stop_at_top_level, repetition_penalty=args.repetition_penalty)
+                      stop_at_top_level=args.stop_at_top_level, repetition_penalty=args.repetition_penalty,
+                      compile=args.compile)
     print(text)
 
 
@@ -182,6 +183,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="cut the completion before any of these")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--compile", action="store_true",
+                   help="decode with a torch.compile'd step (compiling takes seconds: it pays off over ~10,000 tokens)")
     p.set_defaults(func=_generate)
 
 
@@ -197,7 +200,8 @@ def _eval_humaneval(args: argparse.Namespace) -> None:
                   out=args.out, n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                   ks=tuple(args.k), limit=args.limit, sandbox=sandbox, device=args.device,
-                  repetition_penalty=args.repetition_penalty)
+                  repetition_penalty=args.repetition_penalty,
+                  compile={"on": True, "off": False}.get(args.compile, args.compile))
 
 
 def _eval_loglik(args: argparse.Namespace) -> None:
@@ -236,6 +240,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     he.add_argument("--memory-mb", type=int, default=4096, help="address-space limit per program")
     he.add_argument("--isolation", choices=["auto", "namespace", "hook"], default="auto")
     he.add_argument("--device", default="auto", help=DEVICE_HELP)
+    he.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="decode with a torch.compile'd step; auto (default): when the decode steps ahead "
+                         "(batches x --max-new-tokens) pay for compiling")
     he.set_defaults(func=_eval_humaneval)
     ll = s.add_parser("loglik", help="multiple-choice accuracy (acc, acc_norm) from a task JSONL")
     ll.add_argument("--checkpoint", required=True)
@@ -336,7 +343,7 @@ def _serve(args: argparse.Namespace) -> None:
     from phitrain.serve.app import serve
 
     serve(args.source, host=args.host, port=args.port, max_batch_size=args.max_batch_size,
-          device=args.device, dtype=args.dtype, model_name=args.model_name)
+          device=args.device, dtype=args.dtype, model_name=args.model_name, compile=args.compile)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -353,6 +360,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                                    "float32, bfloat16, float16")
     p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: the path "
                                                       "as given)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode with a torch.compile'd step; the first requests pay for compiling it "
+                        "(default: on)")
     p.set_defaults(func=_serve)
 
 

@@ -256,7 +256,7 @@ class StageConfig(Config):
                                              # checkpoint consolidate` writes it later); final/ always has one
     spike_factor: float = 2.0                # a loss above spike_factor x its running mean is flagged
     activation_checkpointing: bool = False
-    compile: bool = False
+    compile: bool | Literal["auto"] = "auto"   # auto: compile when the run is long enough to pay for it
     peak_tflops: float | None = None         # MFU denominator; measured/looked up when not given
 
     @model_validator(mode="after")

@@ -73,8 +73,10 @@ def read_completions(path: str | os.PathLike, problems: dict[str, dict[str, Any]
 def generate_completions(model, tokenizer, problems: dict[str, dict[str, Any]], *,
                          n_samples: int = 1, temperature: float = 0.0, top_p: float | None = None,
                          max_new_tokens: int = 384, batch_size: int = 8, seed: int = 0,
-                         repetition_penalty: float = 1.0) -> list[dict[str, Any]]:
-    """n_samples completions per problem from a loaded model (greedy when temperature is 0)."""
+                         repetition_penalty: float = 1.0, compile: bool | str = "auto") -> list[dict[str, Any]]:
+    """n_samples completions per problem from a loaded model (greedy when temperature is 0); `compile`
+    (True, False, "auto": when the decode steps ahead pay for it) decodes with the model's compiled step,
+    which gives the same greedy tokens (`phitrain.model.generate`)."""
     from phitrain.model.generate import complete
 
     if n_samples < 1:
@@ -86,7 +88,8 @@ def generate_completions(model, tokenizer, problems: dict[str, dict[str, Any]], 
     task_ids = [t for t in problems for _ in range(n_samples)]
     prompts = [problems[t]["prompt"] for t in task_ids]
     texts = complete(model, tokenizer, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
-                     stop=STOP_SEQUENCES, seed=seed, batch_size=batch_size, repetition_penalty=repetition_penalty)
+                     stop=STOP_SEQUENCES, seed=seed, batch_size=batch_size, repetition_penalty=repetition_penalty,
+                     compile=compile)
     return [{"task_id": t, "completion": c} for t, c in zip(task_ids, texts)]
 
 
@@ -158,7 +161,7 @@ def run_humaneval(*, problems_path: str | None, checkpoint: str | None, completi
                   out: str, n_samples: int = 1, temperature: float = 0.0, top_p: float | None = None,
                   max_new_tokens: int = 384, batch_size: int = 8, seed: int = 0, ks: tuple[int, ...] = (1, 10, 100),
                   limit: int | None = None, sandbox: SandboxConfig | None = None, device: str = "cpu",
-                  repetition_penalty: float = 1.0) -> dict:
+                  repetition_penalty: float = 1.0, compile: bool | str = "auto") -> dict:
     """The `phitrain eval humaneval` command: table, results JSONL, and the summary dict (also the final
     JSON line)."""
     if (checkpoint is None) == (completions is None):
@@ -177,7 +180,7 @@ def run_humaneval(*, problems_path: str | None, checkpoint: str | None, completi
         model, tokenizer = load_for_eval(checkpoint, device)
         samples = generate_completions(model, tokenizer, problems, n_samples=n_samples, temperature=temperature,
                                        top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                       seed=seed, repetition_penalty=repetition_penalty)
+                                       seed=seed, repetition_penalty=repetition_penalty, compile=compile)
         if any(isinstance(p.get("canonical_solution"), str) for p in problems.values()):
             likelihood = canonical_likelihood(model, tokenizer, problems, batch_size=batch_size)
     # the programs must not see the model, the completions or the results they are judged by

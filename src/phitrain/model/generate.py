@@ -9,15 +9,25 @@ output does not fall into the loops it otherwise prefers; `stop_at_top_level` en
 first line that starts in column 0 (the end of the definition the prompt opened).
 `use_cache=False` recomputes the whole sequence each step: slow, but the reference the cached path must
 match token for token.
+
+A small model decodes at the speed of its per-op overhead, not of its arithmetic: one token of a
+7M-parameter model is ~100 small kernels, each launched from Python. `compile=True` runs each decode
+step as one `torch.compile`d graph instead (inductor's fused C++ kernels on CPU; on CUDA also captured
+as a CUDA graph, `mode="reduce-overhead"`), over a static KV cache whose shape and write position are
+tensors that do not change between steps (`PhiModel.forward(cache_position=...)`), so one graph serves
+every step. The prompt's prefill stays eager (its length varies). Greedy tokens are the eager path's.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import weakref
 from typing import Callable, Sequence
 
 import torch
 
+from phitrain.compile_cache import keep_inductor_cache
 from phitrain.model.phi import KVCache, PhiModel
 
 
@@ -70,6 +80,102 @@ def left_pad(prompts: Sequence[Sequence[int]], width: int, device) -> tuple[torc
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+# Cache widths are rounded up to a multiple of this, so prompts of different lengths share compiled graphs.
+_CAPACITY_STEP = 64
+# `compile="auto"` in `complete`: compile when this many decode steps lie ahead. A graph compiles in
+# ~5-20 s on 2 CPU cores (each new batch shape or cache width is one more) and saves ~1-3 ms per step for
+# phi-1-tiny (benchmarks/model_speed.py): below this, compiling costs more than it saves.
+AUTO_COMPILE_DECODE_STEPS = 10_000
+
+
+class CompiledDecoder:
+    """One decode step of a model (one new token per row → next-token logits) as a compiled graph.
+
+    Two compiled forms: `generate` keeps its shapes fixed (cache widths rounded up to _CAPACITY_STEP), so
+    its graphs are specialised to them (`dynamic=False`, the fastest code); the serving engine's rows and
+    cache widths change with every request that joins or leaves, so its graph is compiled once for any
+    shape (`dynamic=True`). The model is an argument, not captured, so a model's compiled code does not
+    keep it alive; graphs are cached by dynamo per model configuration and shape.
+
+    It holds the model's latest KV cache for `generate` to reuse: a CUDA graph is recorded for its
+    buffers, and a cache's unwritten or stale columns are never attended (they lie past
+    `cache_position` or under the padding mask), so reuse needs no clearing. Only one is kept: a cache
+    of phi-1 for 8 rows of 2048 tokens is 3 GB in bf16.
+    """
+
+    def __init__(self, model: PhiModel):
+        param = next(model.parameters())
+        self.model_ref = weakref.ref(model)
+        self.device, self.dtype = param.device, param.dtype
+        self._cache: KVCache | None = None
+
+    def capacity(self, total: int) -> int:
+        limit = self.model_ref().config.max_position_embeddings
+        return min(limit, -(-total // _CAPACITY_STEP) * _CAPACITY_STEP)
+
+    def cache(self, batch_size: int, capacity: int) -> KVCache:
+        cache = self._cache
+        if cache is None or (len(cache.k[0]), cache.capacity) != (batch_size, capacity):
+            self._cache = cache = KVCache(self.model_ref().config, batch_size, capacity, self.device, self.dtype)
+            if self.device.type == "cuda":   # a CUDA graph may then use the buffers in place
+                for buffer in cache.k + cache.v:
+                    torch._dynamo.mark_static_address(buffer)
+        cache.length = 0
+        return cache
+
+    def __call__(self, last_ids, positions, cache: KVCache, mask, any_shape: bool = False) -> torch.Tensor:
+        step = _compiled_steps(self.device.type)[any_shape]
+        column = torch.full((1,), cache.length, dtype=torch.long, device=self.device)
+        logits = step(self.model_ref(), last_ids, positions, cache, column, mask)
+        cache.length += 1
+        return logits.clone() if self.device.type == "cuda" else logits  # a CUDA graph reuses its output
+
+
+def _decode_logits(model, last_ids, positions, cache, column, mask):
+    return model(last_ids, position_ids=positions, cache=cache, cache_position=column, attention_mask=mask)[:, -1]
+
+
+def _decode_logits_any_shape(model, last_ids, positions, cache, column, mask):
+    # a code object of its own: dynamo keeps compiled graphs per code object, and these must not mix
+    return _decode_logits(model, last_ids, positions, cache, column, mask)
+
+
+@functools.cache
+def _compiled_steps(device_type: str) -> tuple[Callable, Callable]:
+    """(fixed-shape step, any-shape step). CUDA graphs (`reduce-overhead`) for the fixed shapes only."""
+    # one graph per model configuration x batch size x cache width x padded or not: more than dynamo's
+    # default of 8 recompiles per function in a process that evaluates several models
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    keep_inductor_cache()
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return (torch.compile(_decode_logits, mode=mode, fullgraph=True, dynamic=False),
+            torch.compile(_decode_logits_any_shape, fullgraph=True, dynamic=True))
+
+
+_DECODERS: "weakref.WeakKeyDictionary[PhiModel, CompiledDecoder]" = weakref.WeakKeyDictionary()
+
+
+def compiled_decoder(model: PhiModel) -> CompiledDecoder:
+    """The model's compiled decode step (compiled on its first call)."""
+    if model not in _DECODERS:
+        _DECODERS[model] = CompiledDecoder(model)
+    return _DECODERS[model]
+
+
+def decode_step(model: PhiModel, last_ids, positions, cache: KVCache, mask, decoder: CompiledDecoder | None,
+                any_shape: bool = False):
+    """Logits [B, V] for one new token per row written at column `cache.length` (then advanced).
+
+    `mask` ([B, cache columns], 1 = real) is None when no row is padded. Eager, the tokens attend to the
+    filled columns only; with a `decoder`, the compiled static-cache step (`any_shape`: the form compiled
+    for changing batch shapes).
+    """
+    if decoder is not None:
+        return decoder(last_ids, positions, cache, mask, any_shape)
+    am = None if mask is None else mask[:, :cache.length + 1]
+    return model(last_ids, position_ids=positions, attention_mask=am, cache=cache)[:, -1]
+
+
 @torch.no_grad()
 def generate(
     model: PhiModel,
@@ -85,12 +191,16 @@ def generate(
     seed: int | None = None,
     use_cache: bool = True,
     repetition_penalty: float = 1.0,
+    compile: bool = False,
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` for each prompt; returns the new tokens only.
 
     A row stops at `eos_id` (included), when its new tokens end with one of `stop_ids` (included), or when
-    `stop_fn(row, new_tokens)` says so (text-level stop strings, see `complete`).
+    `stop_fn(row, new_tokens)` says so (text-level stop strings, see `complete`). `compile` decodes with
+    the model's compiled step (`CompiledDecoder`; the first call compiles it).
     """
+    if compile and not use_cache:
+        raise ValueError("compile=True needs use_cache=True (it decodes over the static KV cache)")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     limit = model.config.max_position_embeddings
@@ -101,10 +211,15 @@ def generate(
     was_training = model.training
     model.eval()
     B, total = len(prompts), longest + max_new_tokens
-    ids, mask, positions = left_pad(prompts, total, device)
+    decoder = compiled_decoder(model) if compile else None
+    width = decoder.capacity(total) if decoder else total
+    ids, mask, positions = left_pad(prompts, width, device)
     padded = bool((mask[:, :longest] == 0).any())
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = KVCache(model.config, B, total, device, next(model.parameters()).dtype) if use_cache else None
+    if decoder is not None:
+        cache = decoder.cache(B, width)
+    else:
+        cache = KVCache(model.config, B, total, device, next(model.parameters()).dtype) if use_cache else None
 
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
@@ -127,12 +242,12 @@ def generate(
                 done[i] = True
         if all(done) or end == total:
             break
-        am = mask[:, :end] if padded else None
         if cache is not None:
-            logits = model(ids[:, end - 1:end], position_ids=positions[:, end - 1:end], attention_mask=am,
-                           cache=cache)[:, -1]
+            logits = decode_step(model, ids[:, end - 1:end], positions[:, end - 1:end], cache,
+                                 mask if padded else None, decoder)
         else:
-            logits = model(ids[:, :end], position_ids=positions[:, :end], attention_mask=am)[:, -1]
+            logits = model(ids[:, :end], position_ids=positions[:, :end],
+                           attention_mask=mask[:, :end] if padded else None)[:, -1]
     model.train(was_training)
     return out
 
@@ -151,12 +266,19 @@ def complete(
     repetition_penalty: float = 1.0,
     seed: int | None = None,
     batch_size: int = 8,
+    compile: bool | str = False,
 ) -> list[str]:
     """Text in, completion text out, cut before the first stop string (HumanEval-style stop sequences)
     or, with `stop_at_top_level`, before the first line that starts in column 0.
 
     Prompts longer than the context are truncated from the left so that `max_new_tokens` still fit.
+    `compile`: decode with the compiled step; "auto" when at least AUTO_COMPILE_DECODE_STEPS decode
+    steps (batches x max_new_tokens) lie ahead.
     """
+    if compile == "auto":
+        compile = -(-len(prompts) // batch_size) * max_new_tokens >= AUTO_COMPILE_DECODE_STEPS
+    elif not isinstance(compile, bool):
+        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
     limit = model.config.max_position_embeddings - max_new_tokens
     if limit <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room in the context of "
@@ -178,7 +300,8 @@ def complete(
         new_tokens = generate(model, batch, max_new_tokens, temperature=temperature, top_k=top_k,
                               top_p=top_p, eos_id=tokenizer.eos_id,
                               stop_fn=stop_fn if stop or stop_at_top_level else None,
-                              seed=None if seed is None else seed + start, repetition_penalty=repetition_penalty)
+                              seed=None if seed is None else seed + start, repetition_penalty=repetition_penalty,
+                              compile=compile)
         for toks in new_tokens:
             text = tokenizer.decode([t for t in toks if t != tokenizer.eos_id])
             cut = cut_at(text)

@@ -3,8 +3,8 @@
 compute for the same weights.
 
 Read top to bottom: rotary embedding → attention → the two MLPs → the two norms → the two blocks → the
-model → the KV cache used by generation. The model holds no parallelism, no checkpointing, no compile:
-`phitrain.train` applies those (torchtitan's separation), so this file stays what the papers describe.
+output head (vocabulary projection fused with the loss) → the model → the KV cache used by generation.
+The model holds no parallelism, no checkpointing, no compile: `phitrain.train` applies those (torchtitan's separation), so this file stays what the papers describe.
 
 Parameter names are ours; `phitrain.interop.hf` maps them to and from the transformers names. The one
 structural difference from transformers is that the parallel block's q/k/v projections are fused into a
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phitrain.config import ModelConfig
+from phitrain.model.loss import linear_cross_entropy
 
 
 # ---- rotary position embedding -------------------------------------------------------------------
@@ -99,7 +100,8 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x, cos, sin, mask, cache: "KVCache | None", layer_idx: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: "KVCache | None", layer_idx: int,
+                cache_position: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -111,15 +113,32 @@ class Attention(nn.Module):
         q = apply_rotary(q.transpose(1, 2), cos, sin)
         k = apply_rotary(k.transpose(1, 2), cos, sin)
         if cache is not None:
-            k, v = cache.update(layer_idx, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,  # without a mask, T > 1 only happens with no past
-            dropout_p=self.attn_pdrop if self.training else 0.0,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
+            k, v = cache.update(layer_idx, k, v, cache_position)
+        if cache_position is not None:
+            y = _decode_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=mask,
+                is_causal=mask is None and T > 1,  # without a mask, T > 1 only happens with no past
+                dropout_p=self.attn_pdrop if self.training else 0.0,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )
         return self.out_proj(y.transpose(1, 2).reshape(B, T, q_size))
+
+
+def _decode_attention(q, k, v, mask) -> torch.Tensor:
+    """softmax(q kᵀ/√d + mask) v written out, for the static-cache decode step (a few queries over the
+    whole cache). Compiled, inductor fuses the scale, mask and softmax into one loop between two small
+    matmuls; the fused SDPA kernels pay a per-call setup that dominates at one query per row.
+    Grouped-query heads share their key/value head by folding the group into the query rows."""
+    B, H, T, D = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(B, kv_heads, H // kv_heads * T, D)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * D ** -0.5
+    scores = scores.view(B, kv_heads, H // kv_heads, T, -1).masked_fill(~mask.unsqueeze(2), float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype).view(B, kv_heads, H // kv_heads * T, -1)
+    return torch.matmul(probs, v).view(B, H, T, D)
 
 
 # ---- MLPs and norms ------------------------------------------------------------------------------
@@ -184,9 +203,9 @@ class ParallelBlock(nn.Module):
         self.mlp = GeluMLP(cfg)
         self.drop = nn.Dropout(cfg.resid_pdrop)
 
-    def forward(self, x, cos, sin, mask, cache, layer_idx):
+    def forward(self, x, cos, sin, mask, cache, layer_idx, cache_position=None):
         h = self.norm(x)
-        return self.drop(self.attn(h, cos, sin, mask, cache, layer_idx)) + self.drop(self.mlp(h)) + x
+        return self.drop(self.attn(h, cos, sin, mask, cache, layer_idx, cache_position)) + self.drop(self.mlp(h)) + x
 
 
 class SequentialBlock(nn.Module):
@@ -200,9 +219,26 @@ class SequentialBlock(nn.Module):
         self.mlp = SwiGLUMLP(cfg)
         self.drop = nn.Dropout(cfg.resid_pdrop)
 
-    def forward(self, x, cos, sin, mask, cache, layer_idx):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, layer_idx))
+    def forward(self, x, cos, sin, mask, cache, layer_idx, cache_position=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, layer_idx, cache_position))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+# ---- the output head ----------------------------------------------------------------------------
+
+class LMHead(nn.Linear):
+    """The vocabulary projection. Given targets it returns the mean next-token loss instead of logits,
+    computed chunk by chunk without materialising the logits (`phitrain.model.loss`): for a small model
+    the [tokens, vocab] fp32 logits and their softmax are the step's largest tensors.
+
+    The loss is computed inside this module's own `forward` so that wrappers which gather parameters
+    around a module's forward (FSDP2, DeepSpeed ZeRO-3) see the weight being used.
+    """
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)
+        return linear_cross_entropy(x, self.weight, self.bias, targets)
 
 
 # ---- the model -----------------------------------------------------------------------------------
@@ -233,7 +269,7 @@ class PhiModel(nn.Module):
         block = ParallelBlock if cfg.block == "parallel" else SequentialBlock
         self.blocks = nn.ModuleList(block(cfg) for _ in range(cfg.num_layers))
         self.final_norm = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.block == "parallel")
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, bias=cfg.block == "parallel")
         self.rope = RotaryEmbedding(cfg.rotary_dim, cfg.max_position_embeddings, cfg.rope_theta)
         self.init_weights()
 
@@ -271,31 +307,39 @@ class PhiModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: "KVCache | None" = None,
+        cache_position: torch.Tensor | None = None,
         return_hidden: bool = False,
     ) -> torch.Tensor:
-        """input_ids [B, T]; attention_mask [B, past+T] (1 = real token, 0 = padding) for padded batches."""
+        """input_ids [B, T]; attention_mask [B, past+T] (1 = real token, 0 = padding) for padded batches.
+
+        `cache_position` ([T], the cache columns the new tokens go to) selects the static form a compiled
+        decode step needs: nothing in it is a Python number that changes from step to step. The tokens
+        attend over all the cache's columns under `attention_mask` (then [B, cache columns]) and the causal
+        limit `column <= cache_position`, and `cache.length` is left to the caller.
+        """
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
+        # the static form never reads cache.length: a compiled graph would be specialised to its value
+        past = cache.length if cache is not None and cache_position is None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device)
-        if past + T > self.config.max_position_embeddings:
+        if cache_position is None and past + T > self.config.max_position_embeddings:
             raise ValueError(
                 f"sequence of {past + T} tokens exceeds max_position_embeddings="
                 f"{self.config.max_position_embeddings}")
         cos, sin = self.rope(position_ids)
-        mask = _attention_mask(attention_mask, B, T, past, input_ids.device)
+        if cache_position is not None:
+            mask = _static_cache_mask(attention_mask, cache_position, cache.capacity)
+        else:
+            mask = _attention_mask(attention_mask, B, T, past, input_ids.device)
         x = self.embed_drop(self.embed(input_ids))
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, cache, i)
+            x = block(x, cos, sin, mask, cache, i, cache_position)
         x = self.final_norm(x)
-        if cache is not None:
+        if cache is not None and cache_position is None:
             cache.length += T
         if return_hidden:
             return x
-        logits = self.lm_head(x)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return self.lm_head(x, targets)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -328,23 +372,46 @@ def _attention_mask(attention_mask, B, T, past, device) -> torch.Tensor | None:
     return allowed | (k_pos == q_pos)[None, None]
 
 
+def _static_cache_mask(attention_mask, cache_position, capacity) -> torch.Tensor:
+    """[B or 1, 1, T, capacity]: column c is visible to the token at `cache_position[t]` when c <= it and
+    the column holds a real token (its own column always does)."""
+    k_pos = torch.arange(capacity, device=cache_position.device)[None, :]
+    q_pos = cache_position[:, None]
+    allowed = (k_pos <= q_pos)[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].bool()
+    return allowed | (k_pos == q_pos)[None, None]
+
+
 class KVCache:
-    """Preallocated keys/values for all layers: [layers, B, num_kv_heads, max_len, head_dim] each.
+    """Preallocated keys/values, one [B, num_kv_heads, max_len, head_dim] tensor per layer for each.
 
     A static buffer (written in place, never concatenated) keeps decoding allocation-free. `length` is
-    the number of positions filled; the model advances it after each forward.
+    the number of positions filled; the model advances it after each forward. Each layer's buffer is a
+    tensor of its own, not a view of one big one, so a compiled step can update it in place.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.length = 0
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor | None = None):
+        """Write the new keys/values; return what attention sees: the filled columns, or with `position`
+        (the columns to write, a tensor) the whole buffer (the static form, see `PhiModel.forward`)."""
+        keys, values = self.k[layer_idx], self.v[layer_idx]
+        if position is not None:
+            keys.index_copy_(2, position, k)
+            values.index_copy_(2, position, v)
+            return keys, values
         end = self.length + k.shape[2]
-        if end > self.k.shape[3]:
-            raise ValueError(f"KV cache of {self.k.shape[3]} positions is full")
-        self.k[layer_idx, :, :, self.length:end] = k
-        self.v[layer_idx, :, :, self.length:end] = v
-        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+        if end > self.capacity:
+            raise ValueError(f"KV cache of {self.capacity} positions is full")
+        keys[:, :, self.length:end] = k
+        values[:, :, self.length:end] = v
+        return keys[:, :, :end], values[:, :, :end]

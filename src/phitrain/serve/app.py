@@ -95,11 +95,11 @@ class _CountRequests:
 class _Service:
     """What the routes share: the model's limits, the scheduler, and the request → sequences bridge."""
 
-    def __init__(self, model, tokenizer, name: str, max_batch_size: int):
+    def __init__(self, model, tokenizer, name: str, max_batch_size: int, compile: bool):
         self.name, self.tokenizer = name, tokenizer
         self.context = model.config.max_position_embeddings
         self.vocab_size = model.config.vocab_size
-        self.engine = BatchEngine(model, tokenizer, max_batch_size)
+        self.engine = BatchEngine(model, tokenizer, max_batch_size, compile=compile)
         self.scheduler = Scheduler(self.engine)
         self.created = int(time.time())
         self.requests: Counter = Counter()
@@ -191,9 +191,9 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-def create_app(model, tokenizer, name: str, max_batch_size: int = 32) -> FastAPI:
+def create_app(model, tokenizer, name: str, max_batch_size: int = 32, compile: bool = False) -> FastAPI:
     """The FastAPI app serving `model` as `name`; its lifespan starts and stops the engine thread."""
-    svc = _Service(model, tokenizer, name, max_batch_size)
+    svc = _Service(model, tokenizer, name, max_batch_size, compile)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -352,8 +352,9 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 32,
-          device: str = "auto", dtype: str = "auto", model_name: str | None = None) -> None:
-    """Load `source` and serve it until SIGINT/SIGTERM; prints one line with the URL when ready."""
+          device: str = "auto", dtype: str = "auto", model_name: str | None = None, compile: bool = True) -> None:
+    """Load `source` and serve it until SIGINT/SIGTERM; prints one line with the URL when ready.
+    `compile`: decode with the compiled step (the first requests pay for compiling it)."""
     import uvicorn
 
     if not 0 <= port <= 65535:
@@ -362,14 +363,15 @@ def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_
         raise PhitrainError(f"--max-batch-size must be >= 1, got {max_batch_size}")
     model, tokenizer, device, dtype = load_for_serving(source, device, dtype)
     name = model_name or str(source)
-    app = create_app(model, tokenizer, name, max_batch_size)
+    app = create_app(model, tokenizer, name, max_batch_size, compile)
     sock = _listen(host, port)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{sock.getsockname()[1]}/v1"
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=5))
     print(f"phitrain serve: {name} ({model.num_params() / 1e6:.1f}M parameters, {device} {dtype}, batches "
-          f"of up to {max_batch_size}) at {url} ; Ctrl-C stops", flush=True)
+          f"of up to {max_batch_size}{', compiled decode' if compile else ''}) at {url} ; Ctrl-C stops",
+          flush=True)
     # uvicorn shuts down on SIGINT/SIGTERM, then re-raises the signal to the handler it found; a no-op
     # handler here makes that a normal return instead of a KeyboardInterrupt or a kill.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -35,7 +35,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from phitrain.model.generate import _sample, left_pad
+from phitrain.model.generate import _sample, compiled_decoder, decode_step, left_pad
 from phitrain.model.phi import KVCache, PhiModel
 
 
@@ -127,8 +127,11 @@ def streamable(text: str, stops: Iterable[str]) -> int:
 class BatchEngine:
     """The running batch: admit waiting sequences, decode one token for every row, retire finished rows."""
 
-    def __init__(self, model: PhiModel, tokenizer, max_batch_size: int):
+    def __init__(self, model: PhiModel, tokenizer, max_batch_size: int, compile: bool = False):
         self.model = model
+        # compile: decode steps run as the model's compiled graph (`phitrain.model.generate.CompiledDecoder`),
+        # in its any-shape form: rows and cache widths change as requests come and go
+        self.decoder = compiled_decoder(model) if compile else None
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_id
         self.max_batch_size = max_batch_size
@@ -211,8 +214,8 @@ class BatchEngine:
         for src_cache, src_mask, src_end, index, _ in groups:
             index = torch.tensor(list(index), dtype=torch.long, device=self.device)
             n, w = len(index), min(end, src_end)  # every chosen row's positions lie in the last w columns
-            for dst, src in ((cache.k, src_cache.k), (cache.v, src_cache.v)):
-                dst[:, at:at + n, :, end - w:end] = src[:, :, :, src_end - w:src_end].index_select(1, index)
+            for dst, src in zip(cache.k + cache.v, src_cache.k + src_cache.v):
+                dst[at:at + n, :, end - w:end] = src[:, :, src_end - w:src_end].index_select(0, index)
             mask[at:at + n, end - w:end] = src_mask[:, src_end - w:src_end].index_select(0, index)
             at += n
         cache.length = end
@@ -221,11 +224,11 @@ class BatchEngine:
 
     def _decode(self) -> None:
         """One forward over every running row's last token, then one new token per row."""
-        rows, end = self.rows, self.cache.length
+        rows = self.rows
         last = torch.tensor([[s.generated[-1]] for s in rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[s.cached] for s in rows], dtype=torch.long, device=self.device)
-        logits = self.model(last, position_ids=positions, cache=self.cache,
-                            attention_mask=self.mask[:, :end + 1] if self.padded else None)[:, -1]
+        logits = decode_step(self.model, last, positions, self.cache, self.mask if self.padded else None,
+                             self.decoder, any_shape=True)
         self.stats.batches += 1
         self.stats.batch_rows += len(rows)
         self.stats.max_batch_size = max(self.stats.max_batch_size, len(rows))

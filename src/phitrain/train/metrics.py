@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from pathlib import Path
 
@@ -17,13 +18,26 @@ import torch
 
 from phitrain.files import atomic_write_text
 
-# Dense (non-sparse) peak TFLOP/s by GPU name fragment and precision, from NVIDIA datasheets.
+# Dense (non-sparse) peak TFLOP/s by GPU name and precision, from NVIDIA datasheets. Matched as whole
+# words, the more specific names first: "H100 PCIe" is not the SXM part, "L40S" is not an "L4".
 GPU_PEAK_TFLOPS = {
     "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
     "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
     "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6},
     "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+    "A10G": {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2},
+    "RTX 4090": {"bf16": 165.0, "fp16": 165.0, "fp32": 82.6},
 }
+
+
+def datasheet_tflops(device_name: str, precision: str) -> float | None:
+    """The datasheet peak for a CUDA device name (`torch.cuda.get_device_name`), None if not listed."""
+    for key, table in GPU_PEAK_TFLOPS.items():
+        if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", device_name):
+            return table[precision]
+    return None
 
 
 def cpu_has_native_bf16() -> bool:
@@ -64,9 +78,8 @@ def peak_tflops(device: torch.device, precision: str, stated: float | None) -> t
         return stated, "stated in the recipe"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, table in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return table[precision], f"{name} datasheet"
+        if (tflops := datasheet_tflops(name, precision)) is not None:
+            return tflops, f"{name} datasheet"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     return measure_matmul_tflops(device, dtype), f"best measured {precision} matmul on {device.type}"
 

@@ -523,9 +523,19 @@ def return_freed_memory_to_os(report: bool) -> bool:
 
 
 def apply_block_options(model: nn.Module, stage: StageConfig) -> None:
-    """Activation checkpointing and `torch.compile`, per block, before any sharding or wrapping."""
-    for block in model.blocks:
-        if stage.activation_checkpointing:
+    """Activation checkpointing and (`compile: true`) `torch.compile`, per block, before any sharding or
+    wrapping. (`compile: auto` decides later, from the first steps' times: `train.trainer`.)"""
+    if stage.activation_checkpointing:
+        for block in model.blocks:
             _checkpoint_activations(block)
-        if stage.compile:
-            block.compile()
+    if stage.compile is True:
+        compile_blocks(model)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """`torch.compile` each block in place (parameter names unchanged), torchtitan's granularity: the
+    blocks are identical, so dynamo compiles one graph that all of them reuse, and FSDP2's per-block
+    units keep their hooks outside the compiled code. Inductor fuses the elementwise work between the
+    matmuls (LayerNorm, bias + GELU, rotary, residual adds, autocast casts) in both directions."""
+    for block in model.blocks:
+        block.compile()

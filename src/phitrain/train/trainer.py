@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from phitrain import compile_cache
 from phitrain.checkpoint import (MODEL_FILE, clean_partial, complete_checkpoints, copy_model_files,
                                  finish_train_checkpoint, load_model_config, load_trainer_state, new_staging_dir, prune,
                                  rng_state, set_rng_state)
@@ -38,6 +39,16 @@ from phitrain.train.optim import build_scheduler
 
 FINAL_DIR = "final"
 SUMMARY_FILE = "summary.json"
+
+# `compile: auto` decides once, after this many steps (the first pays one-off costs; the next time eager).
+AUTO_COMPILE_STEP = 3
+# Share of an eager step that compiled blocks save: ~10-15% for phi-1-tiny on 2 CPU cores, where the
+# fused attention kernels (which compiling does not change) take a third of the step
+# (benchmarks/model_speed.py); more on GPUs. The estimate errs low, so auto compiles only when it pays.
+AUTO_COMPILE_GAIN = 0.10
+# The compile time assumed for a configuration never compiled on this machine (cold cache; phi-1-tiny
+# measured 34 s on 2 CPU cores).
+DEFAULT_COMPILE_S = {"cpu": 40.0, "cuda": 90.0}
 
 
 @dataclass
@@ -61,6 +72,7 @@ class StageSummary:
     wall_s: float
     params: int
     final_dir: str
+    compiled_at_step: int | None = None      # the step after which the blocks ran compiled (0: from the start)
     peak_rss_mb: list[dict] | None = None    # per rank: after build, the first step, the last save
     build: list[dict] | None = None          # per rank: parameter bytes this rank holds vs the whole model
 
@@ -148,6 +160,7 @@ class TrainState:
     best_val_loss: float = math.inf
     best_step: int | None = None
     loss_ema: float | None = None
+    compiled_at: int | None = None   # compile: auto compiled the blocks after this step (a resume does too)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -276,9 +289,68 @@ class Trainer:
                 print(f"[{stage.name}] resuming from {directory} (step {step})", flush=True)
         else:
             torch.manual_seed(stage.seed + dist.rank)  # dropout streams differ per rank, repeatably
+        self.compiled = stage.compile is True
+        if self.state.compiled_at is not None and not self.compiled:   # resume: as the run was before
+            self._compile_blocks(model)
+            if dist.is_main:
+                print(f"[{stage.name}] compile auto: compiling the blocks again (the run compiled them after "
+                      f"step {self.state.compiled_at})", flush=True)
+        self._model = model
+        self._eager_step_s: list[float] = []
         self.peak_rss["build"] = _rss_mb()
         self.logger = MetricsLogger(stage_dir / "metrics.jsonl", resume_step=self.state.step, enabled=dist.is_main)
         self.peak, self.peak_source = peak_tflops(device, self.precision, stage.peak_tflops)
+
+    # ---- compile: auto ---------------------------------------------------------------------------
+
+    def _compile_key(self) -> str:
+        return compile_cache.config_key(model=self.model_cfg.model_dump(mode="json"), seq=self.stage.seq_len,
+                                        micro=self.stage.micro_batch_size, precision=self.precision,
+                                        device=self.device.type, torch=torch.__version__,
+                                        checkpointing=self.stage.activation_checkpointing)
+
+    def _compile_blocks(self, model) -> None:
+        compile_cache.keep_inductor_cache()
+        parallel.compile_blocks(model)
+        self.compiled = True
+
+    def _auto_compile(self, record: dict) -> None:
+        """`compile: auto`: after AUTO_COMPILE_STEP steps, compile the blocks when the eager time left
+        times the expected gain exceeds the compile cost (last measured for this configuration on this
+        machine, else a cold-cache default). Rank 0 decides for all ranks. Sharded engines (fsdp,
+        deepspeed) stay eager: compiling must come before sharding there (`compile: true`)."""
+        stage, st = self.stage, self.state
+        if self.compiled:
+            if st.compiled_at is not None and st.step == st.compiled_at + 1 and self._eager_step_s:
+                # the first compiled step paid for compiling: keep that cost for the next decision
+                cost = max(0.0, record["step_time_s"] - min(self._eager_step_s))
+                if self.dist.is_main:
+                    compile_cache.record_compile_seconds(self._compile_key(), cost)
+            return
+        if stage.compile != "auto" or st.step > AUTO_COMPILE_STEP:
+            return
+        if st.step > 1:
+            self._eager_step_s.append(record["step_time_s"])
+        if st.step < AUTO_COMPILE_STEP:
+            return
+        if self.engine.kind not in ("none", "ddp"):
+            message = f"stays eager ({self.engine.kind} compiles before sharding: set compile: true)"
+            decide = False
+        else:
+            eager_s = min(self._eager_step_s) if self._eager_step_s else record["step_time_s"]
+            left_s = (stage.max_steps - st.step) * eager_s
+            known = compile_cache.last_compile_seconds(self._compile_key())
+            cost = known if known is not None else DEFAULT_COMPILE_S.get(self.device.type, 60.0)
+            saving = left_s * AUTO_COMPILE_GAIN
+            decide = bool(self.dist.broadcast_object(saving > cost if self.dist.is_main else None))
+            message = (f"{'compiling the blocks' if decide else 'stays eager'}: ~{saving:.0f} s to save over "
+                       f"{stage.max_steps - st.step} steps vs ~{cost:.0f} s to compile "
+                       f"({'as last measured' if known is not None else 'never compiled here: assumed'})")
+        if self.dist.is_main:
+            print(f"[{stage.name}] compile auto: {message}", flush=True)
+        if decide:
+            self._compile_blocks(self._model)
+            st.compiled_at = st.step
 
     def evaluate(self, step: int) -> float | None:
         val = validation_loss(self.engine.module, self.val_windows, self.stage.micro_batch_size, self.device,
@@ -328,15 +400,20 @@ class Trainer:
         progress = Progress(stage.name, stage.max_steps, completed=st.step, enabled=dist.is_main, file=sys.stdout,
                             unit="step")
         t_stage = time.perf_counter()
-        steps_timed, time_timed = 0, 0.0
+        steps_run, steps_timed, time_timed = 0, 0, 0.0
         loss_value = None
         self.engine.module.train()
         while st.step < stage.max_steps:
             record = self.train_step()
             loss_value = record["loss"]
-            if st.step > 1:  # the first step pays one-off costs (allocator warm-up, compile)
+            # this run's first step, and the first after an auto compile, pay one-off costs (allocator
+            # warm-up, compiling): neither counts in tokens/s
+            first_step = steps_run == 0 or (st.compiled_at is not None and st.step == st.compiled_at + 1)
+            steps_run += 1
+            if not first_step:
                 steps_timed, time_timed = steps_timed + 1, time_timed + record["step_time_s"]
             self.peak_rss.setdefault("first_step", _rss_mb())
+            self._auto_compile(record)
             if first_loss is None:
                 first_loss = loss_value
             if st.step % stage.log_every == 0 or st.step == stage.max_steps or record.get("skipped"):
@@ -367,6 +444,7 @@ class Trainer:
             mfu=self.flops_per_token * tok_s / (self.peak * 1e12), peak_tflops=self.peak,
             peak_source=self.peak_source, precision=self.precision, device=str(self.device), wall_s=wall,
             params=self.n_params, final_dir=str(self.stage_dir / FINAL_DIR),
+            compiled_at_step=0 if stage.compile is True else st.compiled_at,
             peak_rss_mb=dist.gather_object(self.peak_rss), build=dist.gather_object(self.build_info))
         if dist.is_main:
             plot_metrics(records, self.stage_dir, stage.name)
