@@ -300,6 +300,12 @@ def main(argv=None) -> dict:
     from rich.table import Table
 
     args = parse_args(argv)
+    for peer in args.peers:
+        try:
+            __import__(peer)
+        except ImportError as err:
+            raise SystemExit(f"error: benchmarks/model_speed.py: cannot import {peer} ({err}); install it "
+                             f"(see the docstring) or leave it out with --peers")
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     base = phitrain_model(args)

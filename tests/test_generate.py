@@ -119,12 +119,13 @@ def test_complete_cuts_at_stop_strings(tiny_checkpoint):
     assert cut == free[: free.find(stop)]
 
 
-def test_generate_cli_prints_only_the_completion(tiny_checkpoint):
+@pytest.mark.parametrize("flags", [[], ["--compile"]], ids=["eager", "compiled"])
+def test_generate_cli_prints_only_the_completion(tiny_checkpoint, flags):
     model, tokenizer = load_checkpoint(tiny_checkpoint)
     prompt = "class Point:\n    def"
     [expected] = complete(model, tokenizer, [prompt], 12)
     cmd = [PYTHON, "-m", "phitrain", "generate", str(tiny_checkpoint), "--prompt", prompt,
-           "--max-new-tokens", "12"]
+           "--max-new-tokens", "12", *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                           env=single_thread_env())
     assert proc.returncode == 0, proc.stderr
@@ -148,3 +149,16 @@ def test_generate_cli_sampling_flags(tiny_checkpoint, capsys):
     assert outs == [want + "\n"] * 2
     assert main(["generate", str(tiny_checkpoint), "--prompt", "x", "--max-new-tokens", "0"]) == 2
     assert "--max-new-tokens" in capsys.readouterr().err
+
+
+def test_complete_compiles_on_auto_only_when_enough_decode_steps_lie_ahead(tiny_checkpoint, monkeypatch):
+    from phitrain.model import generate as gen
+
+    model, tokenizer = load_checkpoint(tiny_checkpoint)
+    eager = complete(model, tokenizer, ["def f(x):"], 8, compile="auto")   # 1 batch x 8 steps: too few
+    assert model not in gen._DECODERS
+    monkeypatch.setattr(gen, "AUTO_COMPILE_DECODE_STEPS", 8)
+    assert complete(model, tokenizer, ["def f(x):"], 8, compile="auto") == eager
+    assert model in gen._DECODERS
+    with pytest.raises(ValueError, match="compile must be"):
+        complete(model, tokenizer, ["x"], 2, compile="yes")

@@ -272,3 +272,13 @@ def test_compile_auto_compiles_when_it_pays_and_a_resume_compiles_again(data_dir
     assert "compiling the blocks again (the run compiled them after step 3)" in capsys.readouterr().out
     assert resumed.compiled_at_step == 3
     assert train_losses(stage) == pytest.approx(compiled, rel=1e-6)
+
+
+def test_datasheet_peaks_match_whole_gpu_names():
+    from phitrain.train.metrics import datasheet_tflops
+
+    assert datasheet_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert datasheet_tflops("NVIDIA H100 PCIe", "bf16") == 756.0     # not the SXM part
+    assert datasheet_tflops("NVIDIA L40S", "bf16") == 362.0          # not an L4
+    assert datasheet_tflops("NVIDIA L4", "fp32") == 30.3
+    assert datasheet_tflops("Tesla T4", "bf16") is None              # unlisted: the trainer measures instead

@@ -184,7 +184,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", nargs="+", default=[], metavar="STR", help="cut the completion before any of these")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--compile", action="store_true",
-                   help="decode with a torch.compile'd step (compiling takes seconds: it pays off over ~10,000 tokens)")
+                   help="decode with a torch.compile'd step (compiling takes seconds: it pays off over "
+                        "~10,000 tokens)")
     p.set_defaults(func=_generate)
 
 

@@ -180,7 +180,8 @@ def run_humaneval(*, problems_path: str | None, checkpoint: str | None, completi
         model, tokenizer = load_for_eval(checkpoint, device)
         samples = generate_completions(model, tokenizer, problems, n_samples=n_samples, temperature=temperature,
                                        top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                       seed=seed, repetition_penalty=repetition_penalty, compile=compile)
+                                       seed=seed, repetition_penalty=repetition_penalty,
+                                       compile=compile)
         if any(isinstance(p.get("canonical_solution"), str) for p in problems.values()):
             likelihood = canonical_likelihood(model, tokenizer, problems, batch_size=batch_size)
     # the programs must not see the model, the completions or the results they are judged by

@@ -51,7 +51,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(h) if want_grad else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_grad else None
-            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if want_grad and bias is not None else None
+            grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=h.device)
+                      if want_grad and bias is not None else None)
             for start in range(0, h.shape[0], chunk):
                 end = min(start + chunk, h.shape[0])
                 rows = hc[start:end]
