@@ -42,10 +42,11 @@ SUMMARY_FILE = "summary.json"
 
 # `compile: auto` decides once, after this many steps (the first pays one-off costs; the next time eager).
 AUTO_COMPILE_STEP = 3
-# Share of an eager step that compiled blocks save: ~10-15% for phi-1-tiny on 2 CPU cores, where the
-# fused attention kernels (which compiling does not change) take a third of the step
-# (benchmarks/model_speed.py); more on GPUs. The estimate errs low, so auto compiles only when it pays.
-AUTO_COMPILE_GAIN = 0.10
+# Share of an eager step that compiled blocks save. CPU: 3-6% for phi-1-tiny on 2 cores
+# (benchmarks/model_speed.py), where the attention kernels, which compiling does not change, take 30-40%
+# of the step and the loss is already fused. CUDA: not measured here (benchmarks/gpu_mfu.py --no-compile
+# measures it); elementwise work is a larger share of a GPU step.
+AUTO_COMPILE_GAIN = {"cpu": 0.05, "cuda": 0.10}
 # The compile time assumed for a configuration never compiled on this machine (cold cache; phi-1-tiny
 # measured 34 s on 2 CPU cores).
 DEFAULT_COMPILE_S = {"cpu": 40.0, "cuda": 90.0}
@@ -341,7 +342,7 @@ class Trainer:
             left_s = (stage.max_steps - st.step) * eager_s
             known = compile_cache.last_compile_seconds(self._compile_key())
             cost = known if known is not None else DEFAULT_COMPILE_S.get(self.device.type, 60.0)
-            saving = left_s * AUTO_COMPILE_GAIN
+            saving = left_s * AUTO_COMPILE_GAIN.get(self.device.type, 0.05)
             decide = bool(self.dist.broadcast_object(saving > cost if self.dist.is_main else None))
             message = (f"{'compiling the blocks' if decide else 'stays eager'}: ~{saving:.0f} s to save over "
                        f"{stage.max_steps - st.step} steps vs ~{cost:.0f} s to compile "
