@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=16, help="the server's --max-batch-size")
     p.add_argument("--threads", type=int, default=2, help="the server's torch threads (OMP_NUM_THREADS)")
     p.add_argument("--device", default="cpu", help="the server's --device")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="the server's --compile (its default: on)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synth-items", type=int, default=32, help="items (= requests) per synth/raw run; 0 skips "
                                                                 "the synth overhead section")
@@ -113,7 +115,8 @@ def running_server(checkpoint: Path, args) -> Iterator[Server]:
     """`phitrain serve CHECKPOINT --port 0` as a subprocess; yields once it prints its URL, stops it after."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, "-m", "phitrain", "serve", str(checkpoint), "--port", "0", "--device", args.device,
-           "--max-batch-size", str(args.max_batch_size), "--model-name", "bench"]
+           "--max-batch-size", str(args.max_batch_size), "--model-name", "bench",
+           "--compile" if args.compile else "--no-compile"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         for line in proc.stdout:
@@ -358,8 +361,11 @@ def main(argv=None) -> dict:
                       f"{args.max_tokens} tokens per client after {n}-token prompts; server on {args.device}, "
                       f"{args.threads} threads, max batch {args.max_batch_size}")
         with running_server(checkpoint, args) as server:
+            # warm-up: the server compiles its decode step on first use, one graph for a batch of one
+            # row and one for any larger batch, so both are exercised before anything is timed
             warm = argparse.Namespace(**{**vars(args), "requests": 1, "max_tokens": 8})
-            bench_throughput(server, prompts, 1, warm)
+            for clients in (1, max(args.clients)):
+                bench_throughput(server, prompts, clients, warm)
             rows = []
             for clients in args.clients:
                 console.print(f"{clients} client(s) ...")
