@@ -53,6 +53,8 @@ def test_compiled_decode_gives_the_eager_greedy_tokens(name):
     assert generate(model, prompts, 24, compile=True) == eager
     assert generate(model, prompts[1:2], 30, compile=True) == generate(model, prompts[1:2], 30)
     assert generate(model, prompts, 24, compile=True) == eager
+    model.to(torch.float64)     # a model moved to another dtype gets a decoder (and cache) of its own
+    assert generate(model, prompts, 24, compile=True) == generate(model, prompts, 24)
     with pytest.raises(ValueError, match="use_cache"):
         generate(model, prompts, 4, compile=True, use_cache=False)
 

@@ -156,10 +156,13 @@ _DECODERS: "weakref.WeakKeyDictionary[PhiModel, CompiledDecoder]" = weakref.Weak
 
 
 def compiled_decoder(model: PhiModel) -> CompiledDecoder:
-    """The model's compiled decode step (compiled on its first call)."""
-    if model not in _DECODERS:
-        _DECODERS[model] = CompiledDecoder(model)
-    return _DECODERS[model]
+    """The model's compiled decode step (compiled on its first call); a new one, with a new cache, once
+    the model has moved to another device or dtype."""
+    param = next(model.parameters())
+    decoder = _DECODERS.get(model)
+    if decoder is None or (decoder.device, decoder.dtype) != (param.device, param.dtype):
+        decoder = _DECODERS[model] = CompiledDecoder(model)
+    return decoder
 
 
 def decode_step(model: PhiModel, last_ids, positions, cache: KVCache, mask, decoder: CompiledDecoder | None,
