@@ -15,7 +15,8 @@ A small model decodes at the speed of its per-op overhead, not of its arithmetic
 step as one `torch.compile`d graph instead (inductor's fused C++ kernels on CPU; on CUDA also captured
 as a CUDA graph, `mode="reduce-overhead"`), over a static KV cache whose shape and write position are
 tensors that do not change between steps (`PhiModel.forward(cache_position=...)`), so one graph serves
-every step. The prompt's prefill stays eager (its length varies). Greedy tokens are the eager path's.
+every step. The prompt's prefill stays eager (its length varies). Greedy tokens are the eager path's
+(tested; as between any two kernels, a last-bit difference could flip an exact near-tie).
 """
 
 from __future__ import annotations
