@@ -43,7 +43,7 @@ from phitrain.config import ParallelConfig, StageConfig
 from phitrain.errors import PhitrainError
 from phitrain.model.phi import PhiModel
 from phitrain.train import parallel
-from phitrain.train.metrics import datasheet_tflops
+from phitrain.train.metrics import datasheet_tflops, measure_matmul_tflops
 from phitrain.train.trainer import model_config
 
 # Micro-batch per model for an 80+ GB GPU (sequence 2048, fp32 weights + AdamW, no checkpointing).
@@ -79,24 +79,6 @@ def stage_for(name: str, args) -> StageConfig:
         data={"data_dir": "unused", "sources": [{"path": "random-tokens", "weight": 1.0}]},
         seq_len=args.seq, global_batch_size=batch, micro_batch_size=batch, max_steps=args.warmup + args.steps,
         precision="bf16", compile=not args.no_compile, activation_checkpointing=args.checkpointing))
-
-
-def measured_peak(repeats: int = 5, inner: int = 10) -> float:
-    """Best TFLOP/s of `inner` back-to-back 8192x8192 @ 8192x8192 bf16 matmuls, over `repeats` timings."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    a, b = (torch.randn(MATMUL_N, MATMUL_N, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
-    out = torch.empty_like(a)
-    for _ in range(3):   # kernel selection, clocks ramping up
-        torch.mm(a, b, out=out)
-    best = 0.0
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(inner):
-            torch.mm(a, b, out=out)
-        torch.cuda.synchronize()
-        best = max(best, inner * 2 * MATMUL_N ** 3 / (time.perf_counter() - start) / 1e12)
-    return best
 
 
 def require_flash(stage: StageConfig) -> None:
@@ -176,7 +158,7 @@ def main(argv=None) -> dict:
     if not console.is_terminal:
         console.width = max(console.width, 160)   # a pipe or file gets the whole table, not ellipses
     sheet = datasheet_tflops(device_name, "bf16")
-    measured = measured_peak()
+    measured = measure_matmul_tflops(torch.device("cuda"), torch.bfloat16, n=MATMUL_N)
     console.print(f"[bold]gpu_mfu[/]: {device_name}, torch {torch.__version__}; bf16 peak: datasheet "
                   f"{f'{sheet:g} TFLOP/s' if sheet else 'unknown'}, measured {MATMUL_N}³ matmul {measured:,.0f} "
                   f"TFLOP/s; compile {'off' if args.no_compile else 'per block'}, activation checkpointing "

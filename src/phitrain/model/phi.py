@@ -370,29 +370,30 @@ class PhiModel(nn.Module):
 
 
 def _attention_mask(attention_mask, B, T, past, device) -> torch.Tensor | None:
-    """The boolean SDPA mask [B, 1, T, past+T], or None when plain causal attention suffices.
+    """The boolean SDPA mask [B, 1, T, past+T], or None when plain causal attention suffices."""
+    if attention_mask is None and (past == 0 or T == 1):
+        return None  # plain causal prefill (is_causal) or one decode step that sees the whole cache
+    key_mask = None if attention_mask is None else attention_mask[:, : past + T]
+    return _causal_mask(torch.arange(past, past + T, device=device), past + T, key_mask)
+
+
+def _static_cache_mask(attention_mask, cache_position, capacity) -> torch.Tensor:
+    """[B or 1, 1, T, capacity] for the tokens at columns `cache_position` of a static cache."""
+    return _causal_mask(cache_position, capacity, attention_mask)
+
+
+def _causal_mask(q_pos: torch.Tensor, n_keys: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """[B or 1, 1, T, n_keys]: key column c is visible to the query at position q_pos[t] when c <= it and
+    `key_mask` ([B, n_keys], 1 = a real token) allows it.
 
     Each position may always attend to itself, so padding rows are never fully masked (a fully masked
     row makes SDPA return NaN, which would leak through 0·NaN into real rows).
     """
-    if attention_mask is None and (past == 0 or T == 1):
-        return None  # plain causal prefill (is_causal) or one decode step that sees the whole cache
-    q_pos = torch.arange(past, past + T, device=device)[:, None]
-    k_pos = torch.arange(past + T, device=device)[None, :]
+    k_pos = torch.arange(n_keys, device=q_pos.device)[None, :]
+    q_pos = q_pos[:, None]
     allowed = (k_pos <= q_pos)[None, None]
-    if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, None, : past + T].bool()
-    return allowed | (k_pos == q_pos)[None, None]
-
-
-def _static_cache_mask(attention_mask, cache_position, capacity) -> torch.Tensor:
-    """[B or 1, 1, T, capacity]: column c is visible to the token at `cache_position[t]` when c <= it and
-    the column holds a real token (its own column always does)."""
-    k_pos = torch.arange(capacity, device=cache_position.device)[None, :]
-    q_pos = cache_position[:, None]
-    allowed = (k_pos <= q_pos)[None, None]
-    if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, None, :].bool()
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :].bool()
     return allowed | (k_pos == q_pos)[None, None]
 
 

@@ -50,13 +50,15 @@ def cpu_has_native_bf16() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, repeats: int = 8) -> float:
-    """Best achieved TFLOP/s of square (2048²) matmuls on `device` in `dtype`, after a warm-up (a stand-in peak
-    where none is published). Measured once per process: stages of one run share the same peak."""
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, repeats: int = 8,
+                          n: int | None = None) -> float:
+    """Best achieved TFLOP/s of square (2048², or n²) matmuls on `device` in `dtype`, after a warm-up (a
+    stand-in peak where none is published). Measured once per process: stages of one run share the same
+    peak."""
     # CPUs without native fp16 (all) or bf16 (no AVX512-BF16/AMX) emulate it, orders of magnitude slower
     # (a 2048² bf16 matmul took 97 s on one AMD EPYC core): a small matrix keeps this short
     emulated = dtype == torch.float16 or (dtype == torch.bfloat16 and not cpu_has_native_bf16())
-    n = 512 if device.type == "cpu" and emulated else 2048
+    n = n or (512 if device.type == "cpu" and emulated else 2048)
     # a private generator: the global RNG stream drives dropout and must not move (exact resume)
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)

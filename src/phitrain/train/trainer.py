@@ -296,7 +296,6 @@ class Trainer:
             if dist.is_main:
                 print(f"[{stage.name}] compile auto: compiling the blocks again (the run compiled them after "
                       f"step {self.state.compiled_at})", flush=True)
-        self._model = model
         self._eager_step_s: list[float] = []
         self.peak_rss["build"] = _rss_mb()
         self.logger = MetricsLogger(stage_dir / "metrics.jsonl", resume_step=self.state.step, enabled=dist.is_main)
@@ -350,7 +349,7 @@ class Trainer:
         if self.dist.is_main:
             print(f"[{stage.name}] compile auto: {message}", flush=True)
         if decide:
-            self._compile_blocks(self._model)
+            self._compile_blocks(self.engine.model)
             st.compiled_at = st.step
 
     def evaluate(self, step: int) -> float | None:
