@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from phitrain.config import ModelConfig
+from phitrain.model.attention import attention
 from phitrain.model.loss import linear_cross_entropy
 
 
@@ -83,7 +84,8 @@ class Attention(nn.Module):
     """Causal multi-head attention with optional grouped-query heads, through PyTorch SDPA.
 
     `F.scaled_dot_product_attention` dispatches to FlashAttention on CUDA (phi-1 §2.3 trains with
-    FlashAttention) and to a fused flash kernel on CPU. Biases on the projections for the parallel block
+    FlashAttention) and to a fused flash kernel on CPU (`model/attention.py`: the CPU training paths that
+    measured faster). Biases on the projections for the parallel block
     (CodeGen/phi-1), none for the sequential block (Phi-3/phi-4). Optional per-head LayerNorm on q and k
     (transformers' `qk_layernorm`, off in all released phi checkpoints).
     """
@@ -118,25 +120,11 @@ class Attention(nn.Module):
         if cache_position is not None:
             y = _decode_attention(q, k, v, mask)
         else:
-            y = _sdpa(q, k, v, attn_mask=mask,
-                      is_causal=mask is None and T > 1,  # without a mask, T > 1 only happens with no past
-                      dropout_p=self.attn_pdrop if self.training else 0.0,
-                      enable_gqa=self.num_kv_heads != self.num_heads)
+            y = attention(q, k, v, attn_mask=mask,
+                          is_causal=mask is None and T > 1,  # without a mask, T > 1 only with no past
+                          dropout_p=self.attn_pdrop if self.training else 0.0,
+                          enable_gqa=self.num_kv_heads != self.num_heads)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, q_size))
-
-
-# Training on a CPU under bf16 autocast, sequences up to this length run attention in fp32: the CPU
-# flash kernel's bf16 backward is slower than its fp32 one there (8x8 heads x 256 x 32: 22 vs 14 ms per
-# layer; a phi-1-tiny step 7-16% faster), while from ~1024 tokens bf16 is faster again.
-_CPU_FP32_ATTENTION_MAX_LEN = 512
-
-
-def _sdpa(q, k, v, **kwargs) -> torch.Tensor:
-    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
-            and q.shape[-2] <= _CPU_FP32_ATTENTION_MAX_LEN):
-        with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 def _decode_attention(q, k, v, mask) -> torch.Tensor:

@@ -30,6 +30,7 @@ from phitrain.checkpoint import (MODEL_FILE, clean_partial, complete_checkpoints
 from phitrain.config import ModelConfig, StageConfig
 from phitrain.errors import PhitrainError
 from phitrain.files import atomic_write_text
+from phitrain.model.attention import CPU_HAS_AMX
 from phitrain.model.phi import PhiModel
 from phitrain.model.presets import get_preset
 from phitrain.progress import Progress
@@ -42,11 +43,12 @@ SUMMARY_FILE = "summary.json"
 
 # `compile: auto` decides once, after this many steps (the first pays one-off costs; the next time eager).
 AUTO_COMPILE_STEP = 3
-# Share of an eager step that compiled blocks save. CPU: 3-6% for phi-1-tiny on 2 cores
-# (benchmarks/model_speed.py), where the attention kernels, which compiling does not change, take 30-40%
-# of the step and the loss is already fused. CUDA: not measured here (benchmarks/gpu_mfu.py --no-compile
+# Share of an eager step that compiled blocks save. CPU, phi-1-tiny at 8x256 on 2 cores
+# (benchmarks/model_speed.py): in bf16 on a CPU with AMX 16-23%, most of it the attention backward that
+# only compiled code replaces (model/attention.py); otherwise 3-6%, the attention kernels (30-40% of the
+# step) being the same eager or compiled. CUDA: not measured here (benchmarks/gpu_mfu.py --no-compile
 # measures it); elementwise work is a larger share of a GPU step.
-AUTO_COMPILE_GAIN = {"cpu": 0.05, "cuda": 0.10}
+AUTO_COMPILE_GAIN = {"cpu": 0.05, "cpu-bf16-amx": 0.15, "cuda": 0.10}
 # The compile time assumed for a configuration never compiled on this machine (cold cache; phi-1-tiny
 # measured 34 s on 2 CPU cores).
 DEFAULT_COMPILE_S = {"cpu": 40.0, "cuda": 90.0}
@@ -341,7 +343,10 @@ class Trainer:
             left_s = (stage.max_steps - st.step) * eager_s
             known = compile_cache.last_compile_seconds(self._compile_key())
             cost = known if known is not None else DEFAULT_COMPILE_S.get(self.device.type, 60.0)
-            saving = left_s * AUTO_COMPILE_GAIN.get(self.device.type, 0.05)
+            kind = self.device.type
+            if kind == "cpu" and self.precision == "bf16" and CPU_HAS_AMX:
+                kind = "cpu-bf16-amx"
+            saving = left_s * AUTO_COMPILE_GAIN.get(kind, 0.05)
             decide = bool(self.dist.broadcast_object(saving > cost if self.dist.is_main else None))
             message = (f"{'compiling the blocks' if decide else 'stays eager'}: ~{saving:.0f} s to save over "
                        f"{stage.max_steps - st.step} steps vs ~{cost:.0f} s to compile "

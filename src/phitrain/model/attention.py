@@ -1,0 +1,91 @@
+"""Scaled dot-product attention as the model calls it, with two CPU training paths chosen by measurement.
+
+`F.scaled_dot_product_attention` runs a fused flash kernel on CPU. Its forward is fast (with AMX it
+runs its block matmuls on the tile unit), but its backward is not: for phi-1-tiny's 8 sequences x 8 heads
+x 256 tokens x 32 dims in bf16 the forward takes 1.5 ms and the backward 12 ms on 2 Sapphire Rapids
+cores. Two remedies, each where it measured faster:
+
+- Compiled bf16 training (`compile: true`/`auto`), causal, no dropout, up to MATH_BACKWARD_MAX_LEN
+  tokens: the flash forward, and a backward written out as batched matmuls around elementwise work that
+  inductor fuses (`_FlashForwardMathBackward`), over blocks of 256 queries that skip the keys a causal
+  block never sees. Forward + backward at the shape above: 7.2 ms instead of flash's 13.2; 4 x 512:
+  12.2 vs 18.0; 4 x 1024: 54.5 vs 39.9 (the score blocks outgrow the caches), hence the limit. fp32
+  inputs keep flash (11.1 vs 9.3 ms). Eager, the written-out backward is slower than flash (each
+  elementwise op one more pass over B·H·T² floats), so eager keeps flash.
+- Eager bf16 training on a CPU without AMX, up to FP32_ATTENTION_MAX_LEN tokens: attention in fp32.
+  There the flash kernel's bf16 backward was slower than its fp32 one (22 vs 14 ms per layer at the
+  shape above); with AMX bf16 is faster (15 vs 17 ms), so this applies only without it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+MATH_BACKWARD_MAX_LEN = 512
+BACKWARD_QUERY_BLOCK = 256
+FP32_ATTENTION_MAX_LEN = 512
+
+
+# Whether this CPU has AMX tiles (Sapphire Rapids and later), which oneDNN's bf16 matmuls use.
+CPU_HAS_AMX: bool = torch.cpu._is_amx_tile_supported()
+
+
+def attention(q, k, v, *, attn_mask, is_causal: bool, dropout_p: float, enable_gqa: bool) -> torch.Tensor:
+    """softmax(q kᵀ/√d + mask) v over [B, H, T, D] queries and [B, H_kv, S, D] keys/values."""
+    if q.device.type == "cpu" and q.requires_grad:
+        T = q.shape[-2]
+        if (is_causal and attn_mask is None and dropout_p == 0.0 and q.dtype == torch.bfloat16
+                and T <= MATH_BACKWARD_MAX_LEN and torch.compiler.is_compiling()):
+            if enable_gqa:   # one key/value head per query head; autograd sums their gradients back
+                group = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            return _FlashForwardMathBackward.apply(q, k, v)
+        if q.dtype == torch.bfloat16 and T <= FP32_ATTENTION_MAX_LEN and not CPU_HAS_AMX:
+            with torch.autocast("cpu", enabled=False):
+                return F.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), attn_mask=attn_mask, is_causal=is_causal,
+                    dropout_p=dropout_p, enable_gqa=enable_gqa).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          dropout_p=dropout_p, enable_gqa=enable_gqa)
+
+
+class _FlashForwardMathBackward(torch.autograd.Function):
+    """Causal attention: the CPU flash kernel forward (which also returns each row's log-sum-exp), and
+    the FlashAttention backward recomputation (Dao et al. 2022, alg. 4) over whole rows:
+
+        P = exp(q kᵀ/√d − lse) (causal),  dV = Pᵀ dO,  dP = dO Vᵀ,
+        dS = P ∘ (dP − rowsum(dO ∘ O)) / √d,  dQ = dS K,  dK = dSᵀ Q.
+
+    The scores are computed in fp32 (bf16 scores doubled the gradients' error against an fp32
+    reference; in fp32 it equals the flash kernel's); the other matmuls take bf16 inputs as flash does.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)[:2]
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        T, D = q.shape[-2], q.shape[-1]
+        scale = D ** -0.5
+        delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)
+        grad_q, grad_k, grad_v = [], 0.0, 0.0
+        for start in range(0, T, BACKWARD_QUERY_BLOCK):   # causal: a block of queries sees keys < its end
+            end = min(start + BACKWARD_QUERY_BLOCK, T)
+            rows, k_seen, v_seen = slice(start, end), k[..., :end, :], v[..., :end, :]
+            scores = torch.matmul(q[..., rows, :].float(), k_seen.float().transpose(-1, -2)) * scale
+            future = torch.ones(end - start, end, dtype=torch.bool, device=q.device).triu(start + 1)
+            probs = torch.exp(scores - lse[..., rows].unsqueeze(-1)).masked_fill(future, 0.0)
+            grad_v_seen = torch.matmul(probs.to(v.dtype).transpose(-1, -2), grad_out[..., rows, :])
+            grad_probs = torch.matmul(grad_out[..., rows, :], v_seen.transpose(-1, -2)).float()
+            grad_scores = (probs * (grad_probs - delta[..., rows, :]) * scale).to(q.dtype)
+            grad_q.append(torch.matmul(grad_scores, k_seen))
+            grad_k_seen = torch.matmul(grad_scores.transpose(-1, -2), q[..., rows, :])
+            # keys past `end` get nothing from this block; sums in fp32, as the flash kernel accumulates
+            grad_k = grad_k + F.pad(grad_k_seen.float(), (0, 0, 0, T - end))
+            grad_v = grad_v + F.pad(grad_v_seen.float(), (0, 0, 0, T - end))
+        return torch.cat(grad_q, dim=-2), grad_k.to(k.dtype), grad_v.to(v.dtype)
