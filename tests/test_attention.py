@@ -59,6 +59,8 @@ def _backward_graphs(model, ids, targets):
 
 @pytest.mark.parametrize("name", ["parallel-hd64", "sequential-gqa4"])
 def test_compiled_bf16_training_uses_the_written_out_backward(name, monkeypatch):
+    # the path is taken with AMX only (measured there); its maths runs on any CPU
+    monkeypatch.setattr(attention_mod, "CPU_HAS_AMX", True)
     cfg = tiny_config(name)
     ids = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     targets = ids.roll(-1, dims=1)
@@ -75,12 +77,14 @@ def test_compiled_bf16_training_uses_the_written_out_backward(name, monkeypatch)
     for (pname, p), q in zip(eager.named_parameters(), compiled.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=0.05, atol=2e-3), pname
 
-    # beyond the measured limit the flash kernel's own backward is kept
-    torch._dynamo.reset()
-    monkeypatch.setattr(attention_mod, "MATH_BACKWARD_MAX_LEN", 32)
-    torch.manual_seed(0)
-    graphs, _ = _backward_graphs(PhiModel(cfg), ids, targets)
-    assert any(FLASH_BACKWARD in code for code in graphs)
+    # beyond the measured limit, and without AMX, the flash kernel's own backward is kept
+    for setting in [("MATH_BACKWARD_MAX_LEN", 32), ("CPU_HAS_AMX", False)]:
+        torch._dynamo.reset()
+        with monkeypatch.context() as patch:
+            patch.setattr(attention_mod, *setting)
+            torch.manual_seed(0)
+            graphs, _ = _backward_graphs(PhiModel(cfg), ids, targets)
+        assert any(FLASH_BACKWARD in code for code in graphs), setting
 
 
 def test_eager_training_keeps_the_flash_kernel():

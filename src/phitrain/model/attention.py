@@ -5,8 +5,8 @@ runs its block matmuls on the tile unit), but its backward is not: for phi-1-tin
 x 256 tokens x 32 dims in bf16 the forward takes 1.5 ms and the backward 12 ms on 2 Sapphire Rapids
 cores. Two remedies, each where it measured faster:
 
-- Compiled bf16 training (`compile: true`/`auto`), causal, no dropout, up to MATH_BACKWARD_MAX_LEN
-  tokens: the flash forward, and a backward written out as batched matmuls around elementwise work that
+- Compiled bf16 training (`compile: true`/`auto`) on a CPU with AMX, causal, no dropout, up to
+  MATH_BACKWARD_MAX_LEN tokens: the flash forward, and a backward written out as batched matmuls around elementwise work that
   inductor fuses (`_FlashForwardMathBackward`), over blocks of 256 queries that skip the keys a causal
   block never sees. Forward + backward at the shape above: 7.2 ms instead of flash's 13.2; 4 x 512:
   12.2 vs 18.0; 4 x 1024: 54.5 vs 39.9 (the score blocks outgrow the caches), hence the limit. fp32
@@ -36,7 +36,7 @@ def attention(q, k, v, *, attn_mask, is_causal: bool, dropout_p: float, enable_g
     if q.device.type == "cpu" and q.requires_grad:
         T = q.shape[-2]
         if (is_causal and attn_mask is None and dropout_p == 0.0 and q.dtype == torch.bfloat16
-                and T <= MATH_BACKWARD_MAX_LEN and torch.compiler.is_compiling()):
+                and T <= MATH_BACKWARD_MAX_LEN and CPU_HAS_AMX and torch.compiler.is_compiling()):
             if enable_gqa:   # one key/value head per query head; autograd sums their gradients back
                 group = q.shape[1] // k.shape[1]
                 k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
