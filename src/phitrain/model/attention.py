@@ -6,15 +6,16 @@ x 256 tokens x 32 dims in bf16 the forward takes 1.5 ms and the backward 12 ms o
 cores. Two remedies, each where it measured faster:
 
 - Compiled bf16 training (`compile: true`/`auto`) on a CPU with AMX, causal, no dropout, up to
-  MATH_BACKWARD_MAX_LEN tokens: the flash forward, and a backward written out as batched matmuls around elementwise work that
-  inductor fuses (`_FlashForwardMathBackward`), over blocks of 256 queries that skip the keys a causal
-  block never sees. Forward + backward at the shape above: 7.2 ms instead of flash's 13.2; 4 x 512:
-  12.2 vs 18.0; 4 x 1024: 54.5 vs 39.9 (the score blocks outgrow the caches), hence the limit. fp32
-  inputs keep flash (11.1 vs 9.3 ms). Eager, the written-out backward is slower than flash (each
-  elementwise op one more pass over B·H·T² floats), so eager keeps flash.
-- Eager bf16 training on a CPU without AMX, up to FP32_ATTENTION_MAX_LEN tokens: attention in fp32.
-  There the flash kernel's bf16 backward was slower than its fp32 one (22 vs 14 ms per layer at the
-  shape above); with AMX bf16 is faster (15 vs 17 ms), so this applies only without it.
+  MATH_BACKWARD_MAX_LEN tokens: the flash forward, and a backward written out as batched matmuls
+  around elementwise work that inductor fuses (`_FlashForwardMathBackward`), over blocks of 256
+  queries that skip the keys a causal block never sees. Forward + backward at the shape above: 7.2 ms
+  instead of flash's 13.2; 4 x 512: 12.2 vs 18.0; 4 x 1024: 54.5 vs 39.9 (the score blocks outgrow
+  the caches), hence the limit. fp32 inputs keep flash (11.1 vs 9.3 ms). Eager, the written-out
+  backward is slower than flash (each elementwise op one more pass over B·H·T² floats), so eager
+  keeps flash. Not measured without AMX, so not used there.
+- bf16 training on a CPU without AMX (eager or compiled), up to FP32_ATTENTION_MAX_LEN tokens:
+  attention in fp32. There the flash kernel's bf16 backward was slower than its fp32 one (22 vs 14 ms
+  per layer at the shape above); with AMX bf16 is faster (15 vs 17 ms), so this applies only without.
 """
 
 from __future__ import annotations
