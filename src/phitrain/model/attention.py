@@ -53,7 +53,8 @@ def attention(q, k, v, *, attn_mask, is_causal: bool, dropout_p: float, enable_g
 
 class _FlashForwardMathBackward(torch.autograd.Function):
     """Causal attention: the CPU flash kernel forward (which also returns each row's log-sum-exp), and
-    the FlashAttention backward recomputation (Dao et al. 2022, alg. 4) over whole rows:
+    the FlashAttention backward recomputation (Dao et al. 2022, alg. 4), BACKWARD_QUERY_BLOCK queries
+    at a time against the keys up to the block's last query:
 
         P = exp(q kᵀ/√d − lse) (causal),  dV = Pᵀ dO,  dP = dO Vᵀ,
         dS = P ∘ (dP − rowsum(dO ∘ O)) / √d,  dQ = dS K,  dK = dSᵀ Q.
@@ -77,15 +78,16 @@ class _FlashForwardMathBackward(torch.autograd.Function):
         grad_q, grad_k, grad_v = [], 0.0, 0.0
         for start in range(0, T, BACKWARD_QUERY_BLOCK):   # causal: a block of queries sees keys < its end
             end = min(start + BACKWARD_QUERY_BLOCK, T)
-            rows, k_seen, v_seen = slice(start, end), k[..., :end, :], v[..., :end, :]
-            scores = torch.matmul(q[..., rows, :].float(), k_seen.float().transpose(-1, -2)) * scale
+            q_rows, grad_out_rows = q[..., start:end, :], grad_out[..., start:end, :]
+            k_seen, v_seen = k[..., :end, :], v[..., :end, :]
+            scores = torch.matmul(q_rows.float(), k_seen.float().transpose(-1, -2)) * scale
             future = torch.ones(end - start, end, dtype=torch.bool, device=q.device).triu(start + 1)
-            probs = torch.exp(scores - lse[..., rows].unsqueeze(-1)).masked_fill(future, 0.0)
-            grad_v_seen = torch.matmul(probs.to(v.dtype).transpose(-1, -2), grad_out[..., rows, :])
-            grad_probs = torch.matmul(grad_out[..., rows, :], v_seen.transpose(-1, -2)).float()
-            grad_scores = (probs * (grad_probs - delta[..., rows, :]) * scale).to(q.dtype)
+            probs = torch.exp(scores - lse[..., start:end].unsqueeze(-1)).masked_fill(future, 0.0)
+            grad_v_seen = torch.matmul(probs.to(v.dtype).transpose(-1, -2), grad_out_rows)
+            grad_probs = torch.matmul(grad_out_rows, v_seen.transpose(-1, -2)).float()
+            grad_scores = (probs * (grad_probs - delta[..., start:end, :]) * scale).to(q.dtype)
             grad_q.append(torch.matmul(grad_scores, k_seen))
-            grad_k_seen = torch.matmul(grad_scores.transpose(-1, -2), q[..., rows, :])
+            grad_k_seen = torch.matmul(grad_scores.transpose(-1, -2), q_rows)
             # keys past `end` get nothing from this block; sums in fp32, as the flash kernel accumulates
             grad_k = grad_k + F.pad(grad_k_seen.float(), (0, 0, 0, T - end))
             grad_v = grad_v + F.pad(grad_v_seen.float(), (0, 0, 0, T - end))
