@@ -10,7 +10,7 @@ import torch
 from conftest import PYTHON, random_phitrain_model, single_thread_env, tiny_config
 
 from phitrain.checkpoint import load_checkpoint
-from phitrain.model.generate import _sample, complete, generate
+from phitrain.model.generate import _sample, compiled_decoder, complete, generate
 
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -57,6 +57,29 @@ def test_compiled_decode_gives_the_eager_greedy_tokens(name):
     assert generate(model, prompts, 24, compile=True) == generate(model, prompts, 24)
     with pytest.raises(ValueError, match="use_cache"):
         generate(model, prompts, 4, compile=True, use_cache=False)
+
+
+def test_compiled_batch_one_decodes_on_input_major_weights_taken_per_call():
+    """At batch 1 on a CPU the compiled step runs on an input-major copy of the Linear weights, taken at
+    each generate call: it gives the eager tokens, also after the model's weights changed; batches keep
+    the nn.Linear layout."""
+    model = random_phitrain_model(tiny_config("parallel-hd64"), seed=3)
+    prompt = _prompts(model.config, (7,))
+    before = generate(model, prompt, 20)
+    assert generate(model, prompt, 20, compile=True) == before
+    weights = compiled_decoder(model).weights
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert weights is not None and set(weights) == linears
+    for name, w in weights.items():
+        assert w.stride() == (1, w.shape[0]) and torch.equal(w, model.get_parameter(name))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.5)
+    after = generate(model, prompt, 20)
+    assert after != before      # so a stale copy would show
+    assert generate(model, prompt, 20, compile=True) == after
+    generate(model, prompt * 2, 4, compile=True)
+    assert compiled_decoder(model).weights is None
 
 
 def test_sampling_is_repeatable_with_a_seed_and_top_k_1_is_greedy():

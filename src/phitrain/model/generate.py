@@ -17,6 +17,15 @@ as a CUDA graph, `mode="reduce-overhead"`), over a static KV cache whose shape a
 tensors that do not change between steps (`PhiModel.forward(cache_position=...)`), so one graph serves
 every step. The prompt's prefill stays eager (its length varies). Greedy tokens are the eager path's
 (tested; as between any two kernels, a last-bit difference could flip an exact near-tie).
+
+At batch 1 on a CPU a decode step is matrix-vector products, bound by how fast the weights stream from
+memory, and the BLAS streams a weight faster stored input-major ([in, out] contiguous: one row per input
+feature, scaled and added) than as nn.Linear keeps it ([out, in]: one dot product per output). The
+compiled batch-1 step therefore runs on an input-major copy of the Linear weights, made at the start of
+each `generate` call (so it is never stale). Measured on 2 AVX2 cores (EPYC) at phi-1-tiny's shapes:
+25 MB of matrix-vector products 3.2 vs 5.8 ms; in the compiled step 140 vs 185 µs per matmul, 151 vs
+139 tokens/s (medians of 5, same tokens). At batch 8 the nn.Linear layout is faster (7.4 vs 10.9 ms),
+so batches keep it. The copy holds one more set of the Linear weights while decoding.
 """
 
 from __future__ import annotations
@@ -109,6 +118,7 @@ class CompiledDecoder:
         self.model_ref = weakref.ref(model)
         self.device, self.dtype = param.device, param.dtype
         self._cache: KVCache | None = None
+        self.weights: dict[str, torch.Tensor] | None = None   # input-major Linear weights, batch 1 on CPU
 
     def capacity(self, total: int) -> int:
         limit = self.model_ref().config.max_position_embeddings
@@ -122,23 +132,34 @@ class CompiledDecoder:
                 for buffer in cache.k + cache.v:
                     torch._dynamo.mark_static_address(buffer)
         cache.length = 0
+        self.weights = input_major_weights(self.model_ref()) if self.device.type == "cpu" and batch_size == 1 else None
         return cache
 
     def __call__(self, last_ids, positions, cache: KVCache, mask, any_shape: bool = False) -> torch.Tensor:
         step = _compiled_steps(self.device.type)[any_shape]
         column = torch.full((1,), cache.length, dtype=torch.long, device=self.device)
-        logits = step(self.model_ref(), last_ids, positions, cache, column, mask)
+        weights = self.weights if not any_shape and len(last_ids) == 1 else None
+        logits = step(self.model_ref(), weights, last_ids, positions, cache, column, mask)
         cache.length += 1
         return logits.clone() if self.device.type == "cuda" else logits  # a CUDA graph reuses its output
 
 
-def _decode_logits(model, last_ids, positions, cache, column, mask):
-    return model(last_ids, position_ids=positions, cache=cache, cache_position=column, attention_mask=mask)[:, -1]
+def input_major_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each nn.Linear weight ([out, in]) with the same values and shape, stored input-major."""
+    return {f"{name}.weight": module.weight.detach().t().contiguous().t()
+            for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
-def _decode_logits_any_shape(model, last_ids, positions, cache, column, mask):
+def _decode_logits(model, weights, last_ids, positions, cache, column, mask):
+    kwargs = dict(position_ids=positions, cache=cache, cache_position=column, attention_mask=mask)
+    if weights is None:
+        return model(last_ids, **kwargs)[:, -1]
+    return torch.func.functional_call(model, weights, (last_ids,), kwargs)[:, -1]
+
+
+def _decode_logits_any_shape(model, weights, last_ids, positions, cache, column, mask):
     # a code object of its own: dynamo keeps compiled graphs per code object, and these must not mix
-    return _decode_logits(model, last_ids, positions, cache, column, mask)
+    return _decode_logits(model, weights, last_ids, positions, cache, column, mask)
 
 
 @functools.cache
