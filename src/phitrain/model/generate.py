@@ -25,7 +25,8 @@ compiled batch-1 step therefore runs on an input-major copy of the Linear weight
 each `generate` call (so it is never stale). Measured on 2 AVX2 cores (EPYC) at phi-1-tiny's shapes:
 25 MB of matrix-vector products 3.2 vs 5.8 ms; in the compiled step 140 vs 185 µs per matmul, 151 vs
 139 tokens/s (medians of 5, same tokens). At batch 8 the nn.Linear layout is faster (7.4 vs 10.9 ms),
-so batches keep it. The copy holds one more set of the Linear weights while decoding.
+so batches keep it (not measured on other CPUs). The copy holds one more set of the Linear weights
+while decoding.
 """
 
 from __future__ import annotations
