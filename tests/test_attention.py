@@ -87,8 +87,13 @@ def test_compiled_bf16_training_uses_the_written_out_backward(name, monkeypatch)
         assert any(FLASH_BACKWARD in code for code in graphs), setting
 
 
-def test_eager_training_keeps_the_flash_kernel():
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
+def test_eager_training_keeps_the_flash_kernel(amx, monkeypatch):
+    """Eager bf16 training runs the flash kernel: in bf16 with AMX, in fp32 without (set here, so both
+    are checked on any CPU)."""
+    monkeypatch.setattr(attention_mod, "CPU_HAS_AMX", amx)
     q, k, v = (torch.randn(1, 2, 16, 32, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     out = attention_mod.attention(q, k, v, attn_mask=None, is_causal=True, dropout_p=0.0, enable_gqa=False)
     assert "FlashForwardMathBackward" not in type(out.grad_fn).__name__
-    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    inputs = (q, k, v) if amx else (q.float(), k.float(), v.float())
+    assert torch.equal(out, F.scaled_dot_product_attention(*inputs, is_causal=True).to(torch.bfloat16))
