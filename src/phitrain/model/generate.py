@@ -25,8 +25,8 @@ compiled batch-1 step therefore runs on an input-major copy of the Linear weight
 each `generate` call (so it is never stale). Measured on 2 AVX2 cores (EPYC) at phi-1-tiny's shapes:
 25 MB of matrix-vector products 3.2 vs 5.8 ms; in the compiled step 140 vs 185 µs per matmul, 151 vs
 139 tokens/s (medians of 5, same tokens). At batch 8 the nn.Linear layout is faster (7.4 vs 10.9 ms),
-so batches keep it (not measured on other CPUs). The copy holds one more set of the Linear weights
-while decoding.
+so batches keep it (not measured on other CPUs). The copy holds one more set of the Linear weights,
+kept with the decoder's cache until the next `generate` call.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ class CompiledDecoder:
     def __call__(self, last_ids, positions, cache: KVCache, mask, any_shape: bool = False) -> torch.Tensor:
         step = _compiled_steps(self.device.type)[any_shape]
         column = torch.full((1,), cache.length, dtype=torch.long, device=self.device)
-        weights = self.weights if not any_shape and len(last_ids) == 1 else None
+        weights = None if any_shape else self.weights   # the serving engine's rows never set up `weights`
         logits = step(self.model_ref(), weights, last_ids, positions, cache, column, mask)
         cache.length += 1
         return logits.clone() if self.device.type == "cuda" else logits  # a CUDA graph reuses its output
