@@ -10,7 +10,7 @@ import torch
 from conftest import PYTHON, random_phitrain_model, single_thread_env, tiny_config
 
 from phitrain.checkpoint import load_checkpoint
-from phitrain.model.generate import _sample, compiled_decoder, complete, generate
+from phitrain.model.generate import _sample, complete, generate
 
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -59,27 +59,38 @@ def test_compiled_decode_gives_the_eager_greedy_tokens(name):
         generate(model, prompts, 4, compile=True, use_cache=False)
 
 
-def test_compiled_batch_one_decodes_on_input_major_weights_taken_per_call():
-    """At batch 1 on a CPU the compiled step runs on an input-major copy of the Linear weights, taken at
-    each generate call: it gives the eager tokens, also after the model's weights changed; batches keep
-    the nn.Linear layout."""
-    model = random_phitrain_model(tiny_config("parallel-hd64"), seed=3)
-    prompt = _prompts(model.config, (7,))
-    before = generate(model, prompt, 20)
-    assert generate(model, prompt, 20, compile=True) == before
-    weights = compiled_decoder(model).weights
-    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert weights is not None and set(weights) == linears
-    for name, w in weights.items():
-        assert w.stride() == (1, w.shape[0]) and torch.equal(w, model.get_parameter(name))
+def test_compiled_batch_one_step_decomposes_its_matmuls_and_guards_each_call_once(monkeypatch):
+    """On a CPU the batch-1 step's matmuls become inductor reductions (decompose_mm_pass), and only the
+    first step of each generate call runs dynamo's full guards. The tokens stay the eager ones when the
+    weights change between calls, and when calls alternate between models of two configurations, one
+    and two rows, so that every later step must find its own graph among several."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+
+    stances = []
+    real_set_stance = torch.compiler.set_stance
+
+    def recording_set_stance(*args, skip_guard_eval_unsafe=False, **kwargs):
+        stances.append(skip_guard_eval_unsafe)
+        return real_set_stance(*args, skip_guard_eval_unsafe=skip_guard_eval_unsafe, **kwargs)
+
+    monkeypatch.setattr(torch.compiler, "set_stance", recording_set_stance)
+    # hidden 96: a shape no other test compiles, so inductor really runs here (no cached graph)
+    a = random_phitrain_model(tiny_config("parallel-hd64", hidden_size=96, num_heads=2, rotary_dim=16), seed=3)
+    b = random_phitrain_model(tiny_config("sequential-gqa4"), seed=4)
+    prompt_a, prompt_b = _prompts(a.config, (7,)), _prompts(b.config, (5, 9))
+    counters["inductor"].clear()
+    with inductor_config.patch(fx_graph_cache=False):
+        assert generate(a, prompt_a, 20, compile=True) == generate(a, prompt_a, 20)
+    assert counters["inductor"]["decompose_addmm"] > 0
+    assert stances == [False] + [True] * 18      # 19 decode steps after the prefill
     with torch.no_grad():
-        for p in model.parameters():
+        for p in a.parameters():
             p.mul_(-1.5)
-    after = generate(model, prompt, 20)
-    assert after != before      # so a stale copy would show
-    assert generate(model, prompt, 20, compile=True) == after
-    generate(model, prompt * 2, 4, compile=True)
-    assert compiled_decoder(model).weights is None
+    for model, prompts in [(b, prompt_b), (a, prompt_a), (b, prompt_b[:1]), (a, prompt_a), (b, prompt_b)]:
+        stances.clear()
+        assert generate(model, prompts, 12, compile=True) == generate(model, prompts, 12)
+        assert stances == [False] + [True] * 10
 
 
 def test_sampling_is_repeatable_with_a_seed_and_top_k_1_is_greedy():

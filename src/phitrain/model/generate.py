@@ -18,15 +18,17 @@ tensors that do not change between steps (`PhiModel.forward(cache_position=...)`
 every step. The prompt's prefill stays eager (its length varies). Greedy tokens are the eager path's
 (tested; as between any two kernels, a last-bit difference could flip an exact near-tie).
 
-At batch 1 on a CPU a decode step is matrix-vector products, bound by how fast the weights stream from
-memory, and the BLAS streams a weight faster stored input-major ([in, out] contiguous: one row per input
-feature, scaled and added) than as nn.Linear keeps it ([out, in]: one dot product per output). The
-compiled batch-1 step therefore runs on an input-major copy of the Linear weights, made at the start of
-each `generate` call (so it is never stale). Measured on 2 AVX2 cores (EPYC) at phi-1-tiny's shapes:
-25 MB of matrix-vector products 3.2 vs 5.8 ms; in the compiled step 140 vs 185 µs per matmul, 151 vs
-139 tokens/s (medians of 5, same tokens). At batch 8 the nn.Linear layout is faster (7.4 vs 10.9 ms),
-so batches keep it (not measured on other CPUs). The copy holds one more set of the Linear weights,
-kept with the decoder's cache until the next `generate` call.
+At batch 1 a decode step is matrix-vector products, bound by how fast the weights stream from memory,
+and the BLAS's GEMM streams them at well under the memory bandwidth. On CPU the batch-1 step therefore
+uses two of inductor's own options: its `decompose_mm_pass` rewrites each one-row matmul as a multiply
+and a reduction along the contiguous input dimension (one fused C++ loop that reads each weight row
+once), and `cpp_wrapper` calls the kernels from generated C++ instead of a Python wrapper. And after
+the first decode step of a `generate` call has passed dynamo's guards, the remaining steps of that call
+(same model, cache and shapes) check only the guards that tell its compiled graphs apart
+(`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`). Measured on 2 AVX2 cores (EPYC) for
+phi-1-tiny's 25 matmuls: 1.4 ms as reductions vs 3.1 (input-major GEMM) and 4.7 ms (nn.Linear GEMM);
+benchmarks/model_speed.py has the end-to-end numbers. Batch 8 keeps the GEMM (the pass decomposes
+one-row matmuls only).
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ class CompiledDecoder:
         self.model_ref = weakref.ref(model)
         self.device, self.dtype = param.device, param.dtype
         self._cache: KVCache | None = None
-        self.weights: dict[str, torch.Tensor] | None = None   # input-major Linear weights, batch 1 on CPU
+        self._guarded = False    # has this generate call's first fixed-shape step passed the full guards
 
     def capacity(self, total: int) -> int:
         limit = self.model_ref().config.max_position_embeddings
@@ -133,34 +135,29 @@ class CompiledDecoder:
                 for buffer in cache.k + cache.v:
                     torch._dynamo.mark_static_address(buffer)
         cache.length = 0
-        self.weights = input_major_weights(self.model_ref()) if self.device.type == "cpu" and batch_size == 1 else None
+        self._guarded = False
         return cache
 
     def __call__(self, last_ids, positions, cache: KVCache, mask, any_shape: bool = False) -> torch.Tensor:
         step = _compiled_steps(self.device.type)[any_shape]
         column = torch.full((1,), cache.length, dtype=torch.long, device=self.device)
-        weights = None if any_shape else self.weights   # the serving engine's rows never set up `weights`
-        logits = step(self.model_ref(), weights, last_ids, positions, cache, column, mask)
+        # within one generate call every step sees what the first one did (model, cache, shapes), so only
+        # the guards between graphs are needed; the serving engine's shapes change between its calls
+        skip_guards = self._guarded and not any_shape
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=skip_guards):
+            logits = step(self.model_ref(), last_ids, positions, cache, column, mask)
+        self._guarded = not any_shape
         cache.length += 1
         return logits.clone() if self.device.type == "cuda" else logits  # a CUDA graph reuses its output
 
 
-def input_major_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Each nn.Linear weight ([out, in]) with the same values and shape, stored input-major."""
-    return {f"{name}.weight": module.weight.detach().t().contiguous().t()
-            for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+def _decode_logits(model, last_ids, positions, cache, column, mask):
+    return model(last_ids, position_ids=positions, cache=cache, cache_position=column, attention_mask=mask)[:, -1]
 
 
-def _decode_logits(model, weights, last_ids, positions, cache, column, mask):
-    kwargs = dict(position_ids=positions, cache=cache, cache_position=column, attention_mask=mask)
-    if weights is None:
-        return model(last_ids, **kwargs)[:, -1]
-    return torch.func.functional_call(model, weights, (last_ids,), kwargs)[:, -1]
-
-
-def _decode_logits_any_shape(model, weights, last_ids, positions, cache, column, mask):
+def _decode_logits_any_shape(model, last_ids, positions, cache, column, mask):
     # a code object of its own: dynamo keeps compiled graphs per code object, and these must not mix
-    return _decode_logits(model, weights, last_ids, positions, cache, column, mask)
+    return _decode_logits(model, last_ids, positions, cache, column, mask)
 
 
 @functools.cache
@@ -170,8 +167,9 @@ def _compiled_steps(device_type: str) -> tuple[Callable, Callable]:
     # default of 8 recompiles per function in a process that evaluates several models
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     keep_inductor_cache()
-    mode = "reduce-overhead" if device_type == "cuda" else None
-    return (torch.compile(_decode_logits, mode=mode, fullgraph=True, dynamic=False),
+    fixed = (dict(mode="reduce-overhead") if device_type == "cuda" else
+             dict(options={"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}}))
+    return (torch.compile(_decode_logits, fullgraph=True, dynamic=False, **fixed),
             torch.compile(_decode_logits_any_shape, fullgraph=True, dynamic=True))
 
 
