@@ -96,8 +96,9 @@ def left_pad(prompts: Sequence[Sequence[int]], width: int, device) -> tuple[torc
 # Cache widths are rounded up to a multiple of this, so prompts of different lengths share compiled graphs.
 _CAPACITY_STEP = 64
 # `compile="auto"` in `complete`: compile when this many decode steps lie ahead. A graph compiles in
-# ~5-20 s on 2 CPU cores (each new batch shape or cache width is one more) and saves ~1-3 ms per step for
-# phi-1-tiny (benchmarks/model_speed.py): below this, compiling costs more than it saves.
+# ~15-45 s on 2 CPU cores (each new batch shape or cache width is one more; inductor's cache makes a
+# repeat fast) and saves ~1-5 ms per step for phi-1-tiny (benchmarks/model_speed.py): below this,
+# compiling costs more than it saves.
 AUTO_COMPILE_DECODE_STEPS = 10_000
 
 
