@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import re
 import weakref
+from contextlib import nullcontext
 from typing import Callable, Sequence
 
 import torch
@@ -145,7 +146,7 @@ class CompiledDecoder:
         # within one generate call every step sees what the first one did (model, cache, shapes), so only
         # the guards between graphs are needed; the serving engine's shapes change between its calls
         skip_guards = self._guarded and not any_shape
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=skip_guards):
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip_guards else nullcontext():
             logits = step(self.model_ref(), last_ids, positions, cache, column, mask)
         self._guarded = not any_shape
         cache.length += 1
