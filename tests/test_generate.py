@@ -80,13 +80,15 @@ def test_compiled_batch_one_step_decomposes_its_matmuls_and_guards_each_call_onc
     b = random_phitrain_model(tiny_config("sequential-gqa4"), seed=4)
     prompt_a, prompt_b = _prompts(a.config, (7,)), _prompts(b.config, (5, 9))
     counters["inductor"].clear()
+    before = generate(a, prompt_a, 20)
     with inductor_config.patch(fx_graph_cache=False):
-        assert generate(a, prompt_a, 20, compile=True) == generate(a, prompt_a, 20)
+        assert generate(a, prompt_a, 20, compile=True) == before
     assert counters["inductor"]["decompose_addmm"] > 0
     assert stances == [True] * 18      # 19 decode steps after the prefill: all but the first
     with torch.no_grad():
         for p in a.parameters():
             p.mul_(-1.5)
+    assert generate(a, prompt_a, 12) != before[:12]      # so stale weights in a compiled step would show
     for model, prompts in [(b, prompt_b), (a, prompt_a), (b, prompt_b[:1]), (a, prompt_a), (b, prompt_b)]:
         stances.clear()
         assert generate(model, prompts, 12, compile=True) == generate(model, prompts, 12)
