@@ -11,6 +11,7 @@ from conftest import PYTHON, random_phitrain_model, single_thread_env, tiny_conf
 
 from phitrain.checkpoint import load_checkpoint
 from phitrain.model.generate import _sample, complete, generate
+from phitrain.model.skinny_matmul import MAX_ROWS, SkinnyMatmulPass
 
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -60,11 +61,10 @@ def test_compiled_decode_gives_the_eager_greedy_tokens(name):
 
 
 def test_compiled_batch_one_step_decomposes_its_matmuls_and_guards_each_call_once(monkeypatch):
-    """On a CPU the batch-1 step's matmuls become inductor reductions (decompose_mm_pass), and only the
+    """On a CPU the batch-1 step's matmuls become inductor reductions (SkinnyMatmulPass), and only the
     first step of each generate call runs dynamo's full guards. The tokens stay the eager ones when the
     weights change between calls, and when calls alternate between models of two configurations, one
     and two rows, so that every later step must find its own graph among several."""
-    from torch._dynamo.utils import counters
     from torch._inductor import config as inductor_config
 
     stances = []
@@ -79,11 +79,12 @@ def test_compiled_batch_one_step_decomposes_its_matmuls_and_guards_each_call_onc
     a = random_phitrain_model(tiny_config("parallel-hd64", hidden_size=96, num_heads=2, rotary_dim=16), seed=3)
     b = random_phitrain_model(tiny_config("sequential-gqa4"), seed=4)
     prompt_a, prompt_b = _prompts(a.config, (7,)), _prompts(b.config, (5, 9))
-    counters["inductor"].clear()
+    rewrites = SkinnyMatmulPass.rewrites
     before = generate(a, prompt_a, 20)
     with inductor_config.patch(fx_graph_cache=False):
         assert generate(a, prompt_a, 20, compile=True) == before
-    assert counters["inductor"]["decompose_addmm"] > 0
+    # qkv, out, fc1, fc2 per layer and the vocabulary projection
+    assert SkinnyMatmulPass.rewrites - rewrites == 4 * a.config.num_layers + 1
     assert stances == [True] * 18      # 19 decode steps after the prefill: all but the first
     with torch.no_grad():
         for p in a.parameters():
@@ -93,6 +94,57 @@ def test_compiled_batch_one_step_decomposes_its_matmuls_and_guards_each_call_onc
         stances.clear()
         assert generate(model, prompts, 12, compile=True) == generate(model, prompts, 12)
         assert stances == [True] * 10
+
+
+def test_skinny_matmul_pass_rewrites_statically_shaped_cpu_matmuls_of_few_rows_only():
+    """Up to MAX_ROWS rows a matmul becomes a reduction with the eager values (to rounding); more rows,
+    or a row count the graph does not fix, keep the GEMM."""
+    from torch._inductor import config as inductor_config
+
+    def linear_and_mm(x, w, b):
+        return torch.nn.functional.linear(x, w, b), x @ w.t()     # aten.addmm, aten.mm
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(40, 48, generator=g), torch.randn(40, generator=g)
+    options = {"post_grad_custom_post_pass": SkinnyMatmulPass()}
+    for rows, dynamic, rewritten in [(1, False, 2), (8, False, 2), (MAX_ROWS, False, 2), (MAX_ROWS + 1, False, 0),
+                                     (4, True, 0)]:
+        x = torch.randn(rows, 48, generator=g)
+        before = SkinnyMatmulPass.rewrites
+        torch._dynamo.reset()
+        with inductor_config.patch(fx_graph_cache=False):
+            got = torch.compile(linear_and_mm, dynamic=dynamic, options=options)(x, w, b)
+        assert SkinnyMatmulPass.rewrites - before == rewritten, (rows, dynamic)
+        for out, ref in zip(got, linear_and_mm(x, w, b)):
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_cpu_step_over_a_big_cache_attends_to_its_filled_columns_with_one_graph(monkeypatch):
+    """Above WINDOW_MIN_BYTES of cache each step attends over the columns written so far (a window of
+    the cache, its width dynamic): the eager tokens on a padded batch, one graph for every width, and
+    a window of every width from the first decode step to the last."""
+    import phitrain.model.generate as generate_module
+    from phitrain.model.phi import KVCache
+
+    widths = []
+    real_window = KVCache.window
+
+    def recording_window(self, width):
+        widths.append(width)
+        return real_window(self, width)
+
+    monkeypatch.setattr(generate_module, "WINDOW_MIN_BYTES", 0)
+    monkeypatch.setattr(KVCache, "window", recording_window)
+    model = random_phitrain_model(tiny_config("parallel-hd80-qknorm"), seed=5)
+    prompts = _prompts(model.config, (6, 11))
+    assert generate(model, prompts, 16, compile=True) == generate(model, prompts, 16)
+    assert widths == list(range(12, 12 + 15))      # 15 decode steps after the 11-token prefill
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    widths.clear()
+    shorter = _prompts(model.config, (3, 5), seed=1)    # the same cache width (64), other window widths
+    assert generate(model, shorter, 20, compile=True) == generate(model, shorter, 20)
+    assert widths == list(range(6, 6 + 19))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
 def test_sampling_is_repeatable_with_a_seed_and_top_k_1_is_greedy():

@@ -18,17 +18,19 @@ tensors that do not change between steps (`PhiModel.forward(cache_position=...)`
 every step. The prompt's prefill stays eager (its length varies). Greedy tokens are the eager path's
 (tested; as between any two kernels, a last-bit difference could flip an exact near-tie).
 
-At batch 1 a decode step is matrix-vector products, bound by how fast the weights stream from memory,
-and the BLAS's GEMM streams them at well under the memory bandwidth. On CPU the batch-1 step therefore
-uses two of inductor's own options: its `decompose_mm_pass` rewrites each one-row matmul as a multiply
-and a reduction along the contiguous input dimension (one fused C++ loop that reads each weight row
-once), and `cpp_wrapper` calls the kernels from generated C++ instead of a Python wrapper. And after
-the first decode step of a `generate` call has passed dynamo's guards, the remaining steps of that call
+A decode step multiplies a few rows (one per sequence) by every weight, and the BLAS's GEMM, built for
+big tiles, streams such skinny products far below the memory bandwidth. On CPU the fixed-shape step
+therefore runs `SkinnyMatmulPass` (phitrain.model.skinny_matmul): each matmul of up to 16 rows becomes
+one fused C++ loop that reads every weight row once and uses it for all rows (phi-1-tiny's 25 matmuls
+on 2 AVX2 cores: 1.5 vs 5.3 ms at 8 rows, 1.0 vs 2.3 ms at 1). `cpp_wrapper` calls the kernels from
+generated C++ instead of a Python wrapper. Over a KV cache of WINDOW_MIN_BYTES or more (phi-1-tiny: 8
+rows of 192 columns are 19 MB, as much as its weights) each step attends over the columns filled so
+far, not the whole buffer: the step sees a window of the cache (`KVCache.window`) whose width is a
+dynamic dimension of one graph, so the average step of a generation reads half the cache. And after the
+first decode step of a `generate` call has passed dynamo's guards, the remaining steps of that call
 (same model, cache and shapes) check only the guards that tell its compiled graphs apart
-(`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`). Measured on 2 AVX2 cores (EPYC) for
-phi-1-tiny's 25 matmuls: 1.4 ms as reductions vs 3.1 (input-major GEMM) and 4.7 ms (nn.Linear GEMM);
-benchmarks/model_speed.py has the end-to-end numbers. Batch 8 keeps the GEMM (the pass decomposes
-one-row matmuls only).
+(`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`). CUDA keeps the full cache under the mask:
+a CUDA graph replays fixed shapes. benchmarks/model_speed.py has the end-to-end numbers.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import torch
 
 from phitrain.compile_cache import keep_inductor_cache
 from phitrain.model.phi import KVCache, PhiModel
+from phitrain.model.skinny_matmul import SkinnyMatmulPass
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -101,6 +104,10 @@ _CAPACITY_STEP = 64
 # repeat fast) and saves ~1-5 ms per step for phi-1-tiny (benchmarks/model_speed.py): below this,
 # compiling costs more than it saves.
 AUTO_COMPILE_DECODE_STEPS = 10_000
+# A CPU decode step over a KV cache of at least this many bytes attends over its filled columns only.
+# Making the window costs ~0.1 ms a step (views, dynamic-shape guards): measured at 128 new tokens for
+# phi-1-tiny, 8 rows (19 MB of cache) gain 14%, 1 row (2.4 MB) loses 6%.
+WINDOW_MIN_BYTES = 4 * 2**20
 
 
 class CompiledDecoder:
@@ -124,6 +131,7 @@ class CompiledDecoder:
         self.device, self.dtype = param.device, param.dtype
         self._cache: KVCache | None = None
         self._guarded = False    # has this generate call's first fixed-shape step passed the full guards
+        self._window = False     # does this generate call attend over a window of the cache
 
     def capacity(self, total: int) -> int:
         limit = self.model_ref().config.max_position_embeddings
@@ -138,6 +146,7 @@ class CompiledDecoder:
                     torch._dynamo.mark_static_address(buffer)
         cache.length = 0
         self._guarded = False
+        self._window = self.device.type == "cpu" and sum(t.nbytes for t in cache.k + cache.v) >= WINDOW_MIN_BYTES
         return cache
 
     def __call__(self, last_ids, positions, cache: KVCache, mask, any_shape: bool = False) -> torch.Tensor:
@@ -146,8 +155,16 @@ class CompiledDecoder:
         # within one generate call every step sees what the first one did (model, cache, shapes), so only
         # the guards between graphs are needed; the serving engine's shapes change between its calls
         skip_guards = self._guarded and not any_shape
+        seen = cache
+        if self._window and not any_shape:   # attend over the filled columns only, at any width
+            seen = cache.window(cache.length + 1)
+            for buffer in seen.k + seen.v:
+                torch._dynamo.mark_dynamic(buffer, 2)
+            if mask is not None:
+                mask = mask[:, :cache.length + 1]
+                torch._dynamo.mark_dynamic(mask, 1)
         with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip_guards else nullcontext():
-            logits = step(self.model_ref(), last_ids, positions, cache, column, mask)
+            logits = step(self.model_ref(), last_ids, positions, seen, column, mask)
         self._guarded = not any_shape
         cache.length += 1
         return logits.clone() if self.device.type == "cuda" else logits  # a CUDA graph reuses its output
@@ -170,7 +187,7 @@ def _compiled_steps(device_type: str) -> tuple[Callable, Callable]:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     keep_inductor_cache()
     fixed = (dict(mode="reduce-overhead") if device_type == "cuda" else
-             dict(options={"cpp_wrapper": True, "post_grad_fusion_options": {"decompose_mm_pass": {}}}))
+             dict(options={"cpp_wrapper": True, "post_grad_custom_post_pass": SkinnyMatmulPass()}))
     return (torch.compile(_decode_logits, fullgraph=True, dynamic=False, **fixed),
             torch.compile(_decode_logits_any_shape, fullgraph=True, dynamic=True))
 

@@ -14,6 +14,7 @@ single `qkv` matmul (as phi-4's are): the same function, one GEMM instead of thr
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable
 
@@ -398,6 +399,15 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.length = 0
+
+    def window(self, width: int) -> KVCache:
+        """The first `width` columns as a cache of views: what it is written goes into this cache's
+        buffers, and attention over it reads only those columns (a compiled CPU decode step, see
+        `phitrain.model.generate.CompiledDecoder`)."""
+        view = copy.copy(self)
+        view.k = [t[:, :, :width] for t in self.k]
+        view.v = [t[:, :, :width] for t in self.v]
+        return view
 
     @property
     def capacity(self) -> int:
