@@ -40,22 +40,30 @@ def _skinny(x: torch.fx.Node, w_t: torch.fx.Node) -> bool:
 
 
 def _rows_times_weight(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    # [N, 1, K] * [1, M, K] summed over K: output features outermost, so each weight row is read once
-    return (w_t.t()[:, None, :] * x[None, :, :]).sum(-1).t().to(x.dtype)
+    # [N, 1, K] * [1, M, K] summed over K: output features outermost, so each weight row is read once;
+    # then [M, N] in row-major order like the matmul's (a small copy), so what follows, and the next
+    # matmul's input, keep k contiguous
+    return (w_t.t()[:, None, :] * x[None, :, :]).sum(-1).t().contiguous().to(x.dtype)
+
+
+def _rewrite(match: Match, replacement, args, x: torch.fx.Node) -> None:
+    match.replace_by_example(replacement, args)
+    # computed once, into memory: left to fuse into the loop, the producer of x (a layer norm, a GELU)
+    # would be recomputed for every output feature, and x read along the rows instead of along k
+    x.meta["inductor_realize_to_strides"] = True
+    SkinnyMatmulPass.rewrites += 1
 
 
 @register_graph_pattern(CallFunction(aten.addmm, Arg(), Arg(), Arg()), pass_dict=_patterns)
 def _addmm(match: Match, bias, x, w_t):
     if _skinny(x, w_t):
-        match.replace_by_example(lambda bias, x, w_t: _rows_times_weight(x, w_t) + bias, [bias, x, w_t])
-        SkinnyMatmulPass.rewrites += 1
+        _rewrite(match, lambda bias, x, w_t: _rows_times_weight(x, w_t) + bias, [bias, x, w_t], x)
 
 
 @register_graph_pattern(CallFunction(aten.mm, Arg(), Arg()), pass_dict=_patterns)
 def _mm(match: Match, x, w_t):
     if _skinny(x, w_t):
-        match.replace_by_example(_rows_times_weight, [x, w_t])
-        SkinnyMatmulPass.rewrites += 1
+        _rewrite(match, _rows_times_weight, [x, w_t], x)
 
 
 class SkinnyMatmulPass(CustomGraphPass):
