@@ -147,6 +147,27 @@ def test_compiled_cpu_step_over_a_big_cache_attends_to_its_filled_columns_with_o
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
+def test_windowed_and_full_cache_steps_of_one_model_and_batch_size_alternate_correctly(monkeypatch):
+    """A cache of 128 columns is windowed, one of 64 is not: the two graphs for the same rows alternate
+    between generate calls, and a window as wide as the small cache (same sizes, other strides) must
+    still find its own graph when the later steps check only the guards that tell graphs apart."""
+    import phitrain.model.generate as generate_module
+    from phitrain.model.phi import KVCache
+
+    widths = []
+    real_window = KVCache.window
+    monkeypatch.setattr(KVCache, "window", lambda self, width: widths.append(width) or real_window(self, width))
+    model = random_phitrain_model(tiny_config("sequential-gqa4"), seed=6)
+    cfg = model.config
+    bytes_at_128 = 2 * cfg.num_layers * 2 * cfg.num_kv_heads * 128 * cfg.head_dim * 4
+    monkeypatch.setattr(generate_module, "WINDOW_MIN_BYTES", bytes_at_128)
+    long_run, short_run = (_prompts(cfg, (5, 3), seed=2), 62), (_prompts(cfg, (9, 4), seed=3), 40)
+    for (prompts, new), windowed in [(long_run, True), (short_run, False), (long_run, True), (short_run, False)]:
+        widths.clear()
+        assert generate(model, prompts, new, compile=True) == generate(model, prompts, new)
+        assert widths == (list(range(6, 6 + new - 1)) if windowed else [])
+
+
 def test_sampling_is_repeatable_with_a_seed_and_top_k_1_is_greedy():
     model = random_phitrain_model(tiny_config("parallel-hd64"), seed=13)
     prompts = _prompts(model.config, (5, 8))

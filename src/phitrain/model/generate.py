@@ -268,18 +268,16 @@ def generate(
     done = [False] * B
     stops = [list(s) for s in (stop_ids or []) if len(s)]
     end = longest
-    logits = model(ids[:, :end], position_ids=positions[:, :end],
-                   attention_mask=mask[:, :end] if padded else None, cache=cache)[:, -1]
+    logits = _last_logits(model, ids, positions, mask if padded else None, end, cache)
     for _ in range(max_new_tokens):
         if repetition_penalty != 1.0:
             logits = penalize_repeats(logits, ids[:, :end], mask[:, :end], repetition_penalty)
         next_ids = _sample(logits, temperature, top_k, top_p, generator)
         ids[:, end] = next_ids
         end += 1
-        for i in range(B):
+        for i, tok in enumerate(next_ids.tolist()):
             if done[i]:
                 continue
-            tok = int(next_ids[i])
             out[i].append(tok)
             if tok == eos_id or any(out[i][-len(s):] == s for s in stops) or (stop_fn and stop_fn(i, out[i])):
                 done[i] = True
@@ -289,10 +287,17 @@ def generate(
             logits = decode_step(model, ids[:, end - 1:end], positions[:, end - 1:end], cache,
                                  mask if padded else None, decoder)
         else:
-            logits = model(ids[:, :end], position_ids=positions[:, :end],
-                           attention_mask=mask[:, :end] if padded else None)[:, -1]
+            logits = _last_logits(model, ids, positions, mask if padded else None, end, None)
     model.train(was_training)
     return out
+
+
+def _last_logits(model: PhiModel, ids, positions, mask, end: int, cache: KVCache | None) -> torch.Tensor:
+    """Next-token logits [B, V] after the first `end` columns, projecting only the last position to the
+    vocabulary (a prompt's other positions need no logits)."""
+    hidden = model(ids[:, :end], position_ids=positions[:, :end],
+                   attention_mask=None if mask is None else mask[:, :end], cache=cache, return_hidden=True)
+    return model.lm_head(hidden[:, -1])
 
 
 def complete(
