@@ -8,8 +8,9 @@ inductor emits one C++ loop nest that, for each output feature n, reads weight r
 vectorised along k) and reuses it for all rows m while it is in L1. The same 25 matmuls then take
 1.5 ms at 8 rows and 1.0 ms at 1. At 16 rows it is 2.3 vs 5.0 ms and at 32 rows 4.7 vs 9.2 ms: the loop
 does the arithmetic without a GEMM's register blocking, so its time grows with the rows and a GEMM's
-advantage returns for big batches (sooner on CPUs whose BLAS has AMX or AVX-512 kernels), hence
-MAX_ROWS. benchmarks/model_speed.py has the end-to-end decoding numbers.
+advantage returns for big batches (likely sooner where the BLAS has AMX or AVX-512 kernels; not
+measured), hence MAX_ROWS. benchmarks/model_speed.py has the end-to-end decoding numbers.
+
 Inductor's own `decompose_mm_pass` rewrites one-row matmuls only, with the rows as the outer loop;
 that order took 2.5 ms at 8 rows in the same measurement.
 
