@@ -268,7 +268,7 @@ def generate(
     done = [False] * B
     stops = [list(s) for s in (stop_ids or []) if len(s)]
     end = longest
-    logits = _last_logits(model, ids, positions, mask if padded else None, end, cache)
+    logits = last_logits(model, ids, positions, mask if padded else None, end, cache)
     for _ in range(max_new_tokens):
         if repetition_penalty != 1.0:
             logits = penalize_repeats(logits, ids[:, :end], mask[:, :end], repetition_penalty)
@@ -287,12 +287,12 @@ def generate(
             logits = decode_step(model, ids[:, end - 1:end], positions[:, end - 1:end], cache,
                                  mask if padded else None, decoder)
         else:
-            logits = _last_logits(model, ids, positions, mask if padded else None, end, None)
+            logits = last_logits(model, ids, positions, mask if padded else None, end, None)
     model.train(was_training)
     return out
 
 
-def _last_logits(model: PhiModel, ids, positions, mask, end: int, cache: KVCache | None) -> torch.Tensor:
+def last_logits(model: PhiModel, ids, positions, mask, end: int, cache: KVCache | None) -> torch.Tensor:
     """Next-token logits [B, V] after the first `end` columns, projecting only the last position to the
     vocabulary (a prompt's other positions need no logits)."""
     hidden = model(ids[:, :end], position_ids=positions[:, :end],

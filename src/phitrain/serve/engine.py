@@ -35,7 +35,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from phitrain.model.generate import _sample, compiled_decoder, decode_step, left_pad
+from phitrain.model.generate import _sample, compiled_decoder, decode_step, last_logits, left_pad
 from phitrain.model.phi import KVCache, PhiModel
 
 
@@ -180,8 +180,7 @@ class BatchEngine:
         ids, mask, positions = left_pad([s.prompt for s in seqs], width, self.device)
         cache = KVCache(self.model.config, len(seqs), width, self.device, self.dtype)
         padded = bool((mask == 0).any())
-        logits = self.model(ids, position_ids=positions, attention_mask=mask if padded else None,
-                            cache=cache)[:, -1]
+        logits = last_logits(self.model, ids, positions, mask if padded else None, width, cache)
         self.stats.prefills += 1
         if self.rows:
             self.stats.joined_running += len(seqs)
