@@ -119,22 +119,31 @@ def test_skinny_matmul_pass_rewrites_statically_shaped_cpu_matmuls_of_few_rows_o
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_cpu_step_over_a_big_cache_attends_to_its_filled_columns_with_one_graph(monkeypatch):
-    """Above WINDOW_MIN_BYTES of cache each step attends over the columns written so far (a window of
-    the cache, its width dynamic): the eager tokens on a padded batch, one graph for every width, and
-    a window of every width from the first decode step to the last."""
-    import phitrain.model.generate as generate_module
+@pytest.fixture
+def window_widths(monkeypatch) -> list[int]:
+    """The width of every cache window a decode step takes (KVCache.window, recorded)."""
     from phitrain.model.phi import KVCache
 
-    widths = []
+    widths: list[int] = []
     real_window = KVCache.window
 
     def recording_window(self, width):
         widths.append(width)
         return real_window(self, width)
 
-    monkeypatch.setattr(generate_module, "WINDOW_MIN_BYTES", 0)
     monkeypatch.setattr(KVCache, "window", recording_window)
+    return widths
+
+
+def test_compiled_cpu_step_over_a_big_cache_attends_to_its_filled_columns_with_one_graph(monkeypatch,
+                                                                                        window_widths):
+    """Above WINDOW_MIN_BYTES of cache each step attends over the columns written so far (a window of
+    the cache, its width dynamic): the eager tokens on a padded batch, one graph for every width, and
+    a window of every width from the first decode step to the last."""
+    import phitrain.model.generate as generate_module
+
+    widths = window_widths
+    monkeypatch.setattr(generate_module, "WINDOW_MIN_BYTES", 0)
     model = random_phitrain_model(tiny_config("parallel-hd80-qknorm"), seed=5)
     prompts = _prompts(model.config, (6, 11))
     assert generate(model, prompts, 16, compile=True) == generate(model, prompts, 16)
@@ -147,16 +156,14 @@ def test_compiled_cpu_step_over_a_big_cache_attends_to_its_filled_columns_with_o
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
-def test_windowed_and_full_cache_steps_of_one_model_and_batch_size_alternate_correctly(monkeypatch):
+def test_windowed_and_full_cache_steps_of_one_model_and_batch_size_alternate_correctly(monkeypatch,
+                                                                                      window_widths):
     """A cache of 128 columns is windowed, one of 64 is not: the two graphs for the same rows alternate
     between generate calls, and a window as wide as the small cache (same sizes, other strides) must
     still find its own graph when the later steps check only the guards that tell graphs apart."""
     import phitrain.model.generate as generate_module
-    from phitrain.model.phi import KVCache
 
-    widths = []
-    real_window = KVCache.window
-    monkeypatch.setattr(KVCache, "window", lambda self, width: widths.append(width) or real_window(self, width))
+    widths = window_widths
     model = random_phitrain_model(tiny_config("sequential-gqa4"), seed=6)
     cfg = model.config
     bytes_at_128 = 2 * cfg.num_layers * 2 * cfg.num_kv_heads * 128 * cfg.head_dim * 4
