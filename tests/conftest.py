@@ -143,3 +143,19 @@ def tiny_checkpoint(tmp_path_factory, tiny_tokenizer):
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture
+def window_widths(monkeypatch) -> list[int]:
+    """The width of every cache window a decode step takes (KVCache.window, recorded)."""
+    from phitrain.model.phi import KVCache
+
+    widths: list[int] = []
+    real_window = KVCache.window
+
+    def recording_window(self, width):
+        widths.append(width)
+        return real_window(self, width)
+
+    monkeypatch.setattr(KVCache, "window", recording_window)
+    return widths

@@ -14,12 +14,14 @@ measured), hence MAX_ROWS. benchmarks/model_speed.py has the end-to-end decoding
 Inductor's own `decompose_mm_pass` rewrites one-row matmuls only, with the rows as the outer loop;
 that order took 2.5 ms at 8 rows in the same measurement.
 
-Only CPU matmuls whose shapes are fixed in the graph and that have at most MAX_ROWS rows are rewritten
-(the decode step of `phitrain.model.generate` fixes its batch size).
+Only CPU matmuls with fixed inner sizes and at most MAX_ROWS rows are rewritten: a fixed row count
+(the decode step of `phitrain.model.generate` fixes its batch size) or a dynamic one whose upper bound
+is known to the compiler (the serving engine's bounded step says `torch._check(rows <= bound)`).
 """
 
 from __future__ import annotations
 
+import sympy
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMatcherPass, register_graph_pattern
@@ -36,8 +38,17 @@ def _skinny(x: torch.fx.Node, w_t: torch.fx.Node) -> bool:
     a, b = x.meta.get("val"), w_t.meta.get("val")
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.dim() != 2 or b.dim() != 2:
         return False
-    static = all(isinstance(d, int) for d in (*a.shape, *b.shape))
-    return static and a.device.type == b.device.type == "cpu" and a.shape[0] <= MAX_ROWS
+    rows = _upper_bound(a.shape[0])
+    static = all(isinstance(d, int) for d in (*a.shape[1:], *b.shape))
+    return static and a.device.type == b.device.type == "cpu" and rows is not None and rows <= MAX_ROWS
+
+
+def _upper_bound(size) -> int | None:
+    """The most a graph's size can be: itself if fixed, else its symbol's upper bound (None if none)."""
+    if isinstance(size, int):
+        return size
+    upper = size.node.shape_env.bound_sympy(size.node.expr).upper
+    return int(upper) if isinstance(upper, sympy.Integer) else None   # (no bound: torch's int_oo)
 
 
 def _rows_times_weight(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
