@@ -362,9 +362,10 @@ def main(argv=None) -> dict:
                       f"{args.threads} threads, max batch {args.max_batch_size}")
         with running_server(checkpoint, args) as server:
             # warm-up: the server compiles its decode step on first use, one graph for a batch of one
-            # row and one for any larger batch, so both are exercised before anything is timed
+            # row, one for a few (on CPU up to ANY_SHAPE_SKINNY_ROWS, phitrain.model.generate) and one
+            # for more, so all are exercised before anything is timed
             warm = argparse.Namespace(**{**vars(args), "requests": 1, "max_tokens": 8})
-            for clients in (1, max(args.clients)):
+            for clients in (1, 2, max(args.clients)):
                 bench_throughput(server, prompts, clients, warm)
             rows = []
             for clients in args.clients:

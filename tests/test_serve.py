@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 from conftest import PYTHON, single_thread_env
 
 from phitrain.checkpoint import load_checkpoint
@@ -105,6 +106,60 @@ def test_rows_join_and_leave_a_running_batch_and_compute_what_they_would_alone(l
     assert stats.max_batch_size == 3 and stats.joined_running == 4  # b, c, d, e joined running rows
     assert stats.completion_tokens == 40 + 12 + 30 + 10 + len(seqs["c"].generated)
     assert engine.cache is None and engine.rows == []
+
+
+def test_compiled_cpu_engine_runs_the_skinny_matmul_graph_up_to_its_row_bound(loaded, window_widths):
+    """Ten rows finishing one by one: the decode step runs the GEMM graph above ANY_SHAPE_SKINNY_ROWS
+    rows, then the SkinnyMatmulPass graphs down to one row, each step over the filled columns of the
+    cache only; every row equals generate()."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._inductor import config as inductor_config
+
+    import phitrain.model.generate as generate_module
+    from phitrain.model.generate import ANY_SHAPE_SKINNY_ROWS
+    from phitrain.model.skinny_matmul import SkinnyMatmulPass
+
+    model, tokenizer = loaded
+    n = ANY_SHAPE_SKINNY_ROWS + 2
+    engine = BatchEngine(model, tokenizer, max_batch_size=n, compile=True)
+    prompts = [[(7 * i + j) % 200 + 3 for j in range(1 + i % 4)] for i in range(n)]
+    seqs = [Sequence(p, SamplingParams(3 + i, ignore_eos=True), Collector(), stream=False)
+            for i, p in enumerate(prompts)]
+    for seq in seqs:
+        engine.add(seq)
+    filled, decode = [], engine._decode
+
+    def recording_decode():    # the columns each decode step may attend to: the filled ones and its own
+        filled.append(engine.cache.length + 1)
+        decode()
+
+    engine._decode = recording_decode
+    torch._dynamo.reset()     # no graphs from earlier tests: each one this test needs is compiled here
+    rewrites = SkinnyMatmulPass.rewrites
+    with inductor_config.patch(fx_graph_cache=False):    # so that the pass really runs
+        while engine.busy:
+            engine.step()
+    for i, seq in enumerate(seqs):
+        assert seq.generated == generate(model, [prompts[i]], 3 + i)[0], i
+    assert window_widths == filled and len(filled) == (3 + n - 1) - 1   # the first token is the prefill's
+    assert engine.stats.max_batch_size == n
+    # the bounded step's two graphs (2..bound rows, the count dynamic; one row) rewrite every matmul,
+    # the GEMM graph (one, for every width and row count above the bound) none
+    skinny_graphs = _debug_get_cache_entry_list(generate_module._decode_logits_any_shape_skinny.__code__)
+    gemm_graphs = _debug_get_cache_entry_list(generate_module._decode_logits_any_shape.__code__)
+    assert (len(skinny_graphs), len(gemm_graphs)) == (2, 1)
+    assert SkinnyMatmulPass.rewrites - rewrites == len(skinny_graphs) * (4 * model.config.num_layers + 1)
+    # rows that need no padding (equal prompts, admitted together) run the same graphs as padded ones
+    aligned = [Sequence([5, 6, 7], SamplingParams(4, ignore_eos=True), Collector(), stream=False)
+               for _ in range(2)]
+    for seq in aligned:
+        engine.add(seq)
+    engine.step()
+    assert not engine.padded and len(engine.rows) == 2
+    while engine.busy:
+        engine.step()
+    assert [s.generated for s in aligned] == generate(model, [[5, 6, 7]] * 2, 4)
+    assert len(_debug_get_cache_entry_list(generate_module._decode_logits_any_shape_skinny.__code__)) == 2
 
 
 def test_eos_and_stop_strings_end_a_row_like_complete(loaded):

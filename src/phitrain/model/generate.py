@@ -31,6 +31,11 @@ first decode step of a `generate` call has passed dynamo's guards, the remaining
 (same model, cache and shapes) check only the guards that tell its compiled graphs apart
 (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`). CUDA keeps the full cache under the mask:
 a CUDA graph replays fixed shapes. benchmarks/model_speed.py has the end-to-end numbers.
+
+The serving engine's step (`any_shape`), compiled once for any rows and cache width, always attends
+over a window of the filled columns (its width is dynamic anyway), and on CPU up to
+ANY_SHAPE_SKINNY_ROWS rows runs a graph of its own with `SkinnyMatmulPass`, its row count bounded.
+benchmarks/serve_speed.py has the served throughput.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import functools
 import re
 import weakref
 from contextlib import nullcontext
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -108,6 +113,12 @@ AUTO_COMPILE_DECODE_STEPS = 10_000
 # Making the window costs ~0.1 ms a step (views, dynamic-shape guards): measured at 128 new tokens for
 # phi-1-tiny, 8 rows (19 MB of cache) gain 14%, 1 row (2.4 MB) loses 6%.
 WINDOW_MIN_BYTES = 4 * 2**20
+# The serving engine's any-shape CPU step runs SkinnyMatmulPass up to this many rows (its row count a
+# dynamic size bounded by it; more rows take a graph without the pass). Measured per step for
+# phi-1-tiny over 41 cached columns on 2 AVX2 cores: 2 rows 1.8 vs 4.2 ms, 4 rows 2.3 vs 5.3, 8 rows 3.4
+# vs 4.9, 12 rows 5.0 vs 5.5, 16 rows 6.2 vs 5.9: with the rows unknown at compile time the loop gains
+# less than in generate's fixed-shape step (MAX_ROWS there).
+ANY_SHAPE_SKINNY_ROWS = 8
 
 
 class CompiledDecoder:
@@ -116,7 +127,7 @@ class CompiledDecoder:
     Two compiled forms: `generate` keeps its shapes fixed (cache widths rounded up to _CAPACITY_STEP), so
     its graphs are specialised to them (`dynamic=False`, the fastest code); the serving engine's rows and
     cache widths change with every request that joins or leaves, so its graph is compiled once for any
-    shape (`dynamic=True`). The model is an argument, not captured, so a model's compiled code does not
+    row count and width (those sizes marked dynamic at each call; one row is a graph of its own). The model is an argument, not captured, so a model's compiled code does not
     keep it alive; graphs are cached by dynamo per model configuration and shape.
 
     It holds the model's latest KV cache for `generate` to reuse: a CUDA graph is recorded for its
@@ -150,19 +161,32 @@ class CompiledDecoder:
         return cache
 
     def __call__(self, last_ids, positions, cache: KVCache, mask, any_shape: bool = False) -> torch.Tensor:
-        step = _compiled_steps(self.device.type)[any_shape]
+        steps = _compiled_steps(self.device.type)
         column = torch.full((1,), cache.length, dtype=torch.long, device=self.device)
         # within one generate call every step sees what the first one did (model, cache, shapes), so only
         # the guards between graphs are needed; the serving engine's shapes change between its calls
         skip_guards = self._guarded and not any_shape
+        rows = last_ids.shape[0]
+        if any_shape:
+            skinny = self.device.type == "cpu" and rows <= ANY_SHAPE_SKINNY_ROWS
+            step = steps.any_shape_skinny if skinny else steps.any_shape
+        else:
+            step = steps.fixed
         seen = cache
-        if self._window and not any_shape:   # attend over the filled columns only, at any width
+        if any_shape or self._window:  # attend over the filled columns only, at any width
             seen = cache.window(cache.length + 1)
+            mask = None if mask is None else mask[:, :cache.length + 1]
+            # the sizes that change from step to step are dynamic in the graph: the width, and the serving
+            # engine's rows (one row is a graph of its own: dynamo specialises sizes of 1); the heads, head
+            # size, weights and the model's floats stay fixed, as in a fixed-shape graph
+            varying_rows = any_shape and rows > 1
             for buffer in seen.k + seen.v:
-                torch._dynamo.mark_dynamic(buffer, 2)
+                torch._dynamo.mark_dynamic(buffer, [0, 2] if varying_rows else 2)
             if mask is not None:
-                mask = mask[:, :cache.length + 1]
-                torch._dynamo.mark_dynamic(mask, 1)
+                torch._dynamo.mark_dynamic(mask, [0, 1] if varying_rows else 1)
+            if varying_rows:
+                torch._dynamo.mark_dynamic(last_ids, 0)
+                torch._dynamo.mark_dynamic(positions, 0)
         with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip_guards else nullcontext():
             logits = step(self.model_ref(), last_ids, positions, seen, column, mask)
         self._guarded = not any_shape
@@ -179,17 +203,30 @@ def _decode_logits_any_shape(model, last_ids, positions, cache, column, mask):
     return _decode_logits(model, last_ids, positions, cache, column, mask)
 
 
+def _decode_logits_any_shape_skinny(model, last_ids, positions, cache, column, mask):
+    # the bound on the rows is what lets SkinnyMatmulPass rewrite a graph whose row count is dynamic
+    torch._check(last_ids.shape[0] <= ANY_SHAPE_SKINNY_ROWS)
+    return _decode_logits(model, last_ids, positions, cache, column, mask)
+
+
+class DecodeSteps(NamedTuple):
+    fixed: Callable             # generate's: shapes fixed, CUDA graphs on CUDA, SkinnyMatmulPass on CPU
+    any_shape: Callable         # the serving engine's, for any rows and cache width
+    any_shape_skinny: Callable  # the same for at most ANY_SHAPE_SKINNY_ROWS rows, with SkinnyMatmulPass
+
+
 @functools.cache
-def _compiled_steps(device_type: str) -> tuple[Callable, Callable]:
-    """(fixed-shape step, any-shape step). CUDA graphs (`reduce-overhead`) for the fixed shapes only."""
+def _compiled_steps(device_type: str) -> DecodeSteps:
     # one graph per model configuration x batch size x cache width x padded or not: more than dynamo's
     # default of 8 recompiles per function in a process that evaluates several models
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     keep_inductor_cache()
+    skinny = {"post_grad_custom_post_pass": SkinnyMatmulPass()}
     fixed = (dict(mode="reduce-overhead") if device_type == "cuda" else
-             dict(options={"cpp_wrapper": True, "post_grad_custom_post_pass": SkinnyMatmulPass()}))
-    return (torch.compile(_decode_logits, fullgraph=True, dynamic=False, **fixed),
-            torch.compile(_decode_logits_any_shape, fullgraph=True, dynamic=True))
+             dict(options={"cpp_wrapper": True, **skinny}))
+    return DecodeSteps(torch.compile(_decode_logits, fullgraph=True, dynamic=False, **fixed),
+                       torch.compile(_decode_logits_any_shape, fullgraph=True),
+                       torch.compile(_decode_logits_any_shape_skinny, fullgraph=True, options=skinny))
 
 
 _DECODERS: "weakref.WeakKeyDictionary[PhiModel, CompiledDecoder]" = weakref.WeakKeyDictionary()

@@ -201,11 +201,16 @@ class BatchEngine:
 
     def _assemble(self, groups) -> None:
         """Build the running batch from (cache, mask, end column, row indices, sequences) groups: a new
-        cache as wide as the longest row plus the most tokens any row may still add, every row's cached
-        positions copied right-aligned at the new end column."""
+        cache as wide as the longest row plus the most tokens any row may still add, and one column more,
+        every row's cached positions copied right-aligned at the new end column.
+
+        The spare column is never written: it keeps the window of filled columns a compiled step attends
+        over (`CompiledDecoder`) narrower than the cache, a strided view at every step; a window as wide
+        as the cache would be contiguous, which the compiled graph's stride guards tell apart (one more
+        graph to compile for the last step of the longest row)."""
         rows = [seq for *_, seqs in groups for seq in seqs]
         end = max(s.cached for s in rows)
-        capacity = end + max(s.params.max_tokens - len(s.generated) for s in rows)
+        capacity = end + max(s.params.max_tokens - len(s.generated) for s in rows) + 1
         cache = KVCache(self.model.config, len(rows), capacity, self.device, self.dtype)
         mask = torch.zeros(len(rows), capacity, dtype=torch.long, device=self.device)
         mask[:, end:] = 1
@@ -226,7 +231,11 @@ class BatchEngine:
         rows = self.rows
         last = torch.tensor([[s.generated[-1]] for s in rows], dtype=torch.long, device=self.device)
         positions = torch.tensor([[s.cached] for s in rows], dtype=torch.long, device=self.device)
-        logits = decode_step(self.model, last, positions, self.cache, self.mask if self.padded else None,
+        # compiled, a batch of several rows passes its mask even when no row is padded (all ones then:
+        # ~5% of such a step): one graph per row count instead of two (a lone row is never padded,
+        # `_assemble` aligns it to its own tokens)
+        masked = self.padded or (self.decoder is not None and len(rows) > 1)
+        logits = decode_step(self.model, last, positions, self.cache, self.mask if masked else None,
                              self.decoder, any_shape=True)
         self.stats.batches += 1
         self.stats.batch_rows += len(rows)
