@@ -115,9 +115,9 @@ AUTO_COMPILE_DECODE_STEPS = 10_000
 WINDOW_MIN_BYTES = 4 * 2**20
 # The serving engine's any-shape CPU step runs SkinnyMatmulPass up to this many rows (its row count a
 # dynamic size bounded by it; more rows take a graph without the pass). Measured per step for
-# phi-1-tiny over 41 cached columns on 2 AVX2 cores: 2 rows 1.8 vs 4.2 ms, 4 rows 2.3 vs 5.3, 8 rows 3.4
-# vs 4.9, 12 rows 5.0 vs 5.5, 16 rows 6.2 vs 5.9: with the rows unknown at compile time the loop gains
-# less than in generate's fixed-shape step (MAX_ROWS there).
+# phi-1-tiny over 41 cached columns (masked) on 2 AVX2 cores, two runs: 2 rows 2.2-2.5 vs 4.6 ms, 4 rows
+# 2.8-3.2 vs 5.6-6.1, 8 rows 4.7-5.0 vs 5.5-5.7, 12 rows 6.6-6.8 vs 6.2-6.8, 16 rows 7.8-8.3 vs 6.7-7.1:
+# with the rows unknown at compile time the loop gains less than in generate's fixed-shape step.
 ANY_SHAPE_SKINNY_ROWS = 8
 
 
