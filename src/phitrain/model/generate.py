@@ -126,10 +126,11 @@ class CompiledDecoder:
 
     Two compiled forms: `generate` keeps its shapes fixed (cache widths rounded up to _CAPACITY_STEP), so
     its graphs are specialised to them (`dynamic=False`, the fastest code); the serving engine's rows and
-    cache widths change with every request that joins or leaves, so its graph is compiled once for any
-    row count and width (those sizes marked dynamic at each call; one row is a graph of its own). The
-    model is an argument, not captured, so a model's compiled code does not keep it alive; graphs are
-    cached by dynamo per model configuration and shape.
+    cache widths change with every request that joins or leaves, so its graphs hold for any row count
+    and width (those sizes marked dynamic at each call): one for a single row, one for more rows, and on
+    CPU one for 2 to ANY_SHAPE_SKINNY_ROWS rows with SkinnyMatmulPass. The model is an argument, not
+    captured, so a model's compiled code does not keep it alive; graphs are cached by dynamo per model
+    configuration and shape.
 
     It holds the model's latest KV cache for `generate` to reuse: a CUDA graph is recorded for its
     buffers, and a cache's unwritten or stale columns are never attended (they lie past
