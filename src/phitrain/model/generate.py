@@ -178,22 +178,26 @@ class CompiledDecoder:
         if any_shape or self._window:  # attend over the filled columns only, at any width
             seen = cache.window(cache.length + 1)
             mask = None if mask is None else mask[:, :cache.length + 1]
-            # the sizes that change from step to step are dynamic in the graph: the width, and the serving
-            # engine's rows (one row is a graph of its own: dynamo specialises sizes of 1); the heads, head
-            # size, weights and the model's floats stay fixed, as in a fixed-shape graph
-            varying_rows = any_shape and rows > 1
-            for buffer in seen.k + seen.v:
-                torch._dynamo.mark_dynamic(buffer, [0, 2] if varying_rows else 2)
-            if mask is not None:
-                torch._dynamo.mark_dynamic(mask, [0, 1] if varying_rows else 1)
-            if varying_rows:
-                torch._dynamo.mark_dynamic(last_ids, 0)
-                torch._dynamo.mark_dynamic(positions, 0)
+            if not skip_guards:  # (a step that skips the guards runs the graph the first step found)
+                _mark_varying_sizes(seen, mask, last_ids, positions, varying_rows=any_shape and rows > 1)
         with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip_guards else nullcontext():
             logits = step(self.model_ref(), last_ids, positions, seen, column, mask)
         self._guarded = not any_shape
         cache.length += 1
         return logits.clone() if self.device.type == "cuda" else logits  # a CUDA graph reuses its output
+
+
+def _mark_varying_sizes(window: KVCache, mask, last_ids, positions, varying_rows: bool) -> None:
+    # the sizes that change from step to step are dynamic in the graph: the width, and the serving
+    # engine's rows (one row is a graph of its own: dynamo specialises sizes of 1); the heads, head size,
+    # weights and the model's floats stay fixed, as in a fixed-shape graph
+    for buffer in window.k + window.v:
+        torch._dynamo.mark_dynamic(buffer, [0, 2] if varying_rows else 2)
+    if mask is not None:
+        torch._dynamo.mark_dynamic(mask, [0, 1] if varying_rows else 1)
+    if varying_rows:
+        torch._dynamo.mark_dynamic(last_ids, 0)
+        torch._dynamo.mark_dynamic(positions, 0)
 
 
 def _decode_logits(model, last_ids, positions, cache, column, mask):

@@ -2,17 +2,29 @@
 
 A decode step multiplies a few rows of activations (one per sequence in the batch) by every weight
 matrix. A BLAS GEMM is built for large tiles and streams such skinny products far below the memory
-bandwidth: measured on 2 AVX2 cores (EPYC) for phi-1-tiny's 25 matmuls, MKL takes 5.3 ms at 8 rows and
-2.3 ms at 1. This inductor post-grad pass rewrites each of them as `out.T[n, m] = sum_k W[n, k] * x[m, k]`:
+bandwidth. This inductor post-grad pass rewrites each of them as `out[m, n] = sum_k W[n, k] * x[m, k]`:
 inductor emits one C++ loop nest that, for each output feature n, reads weight row n once (contiguous,
-vectorised along k) and reuses it for all rows m while it is in L1. The same 25 matmuls then take
-1.5 ms at 8 rows and 1.0 ms at 1. At 16 rows it is 2.3 vs 5.0 ms and at 32 rows 4.7 vs 9.2 ms: the loop
-does the arithmetic without a GEMM's register blocking, so its time grows with the rows and a GEMM's
-advantage returns for big batches (likely sooner where the BLAS has AMX or AVX-512 kernels; not
-measured), hence MAX_ROWS. benchmarks/model_speed.py has the end-to-end decoding numbers.
+vectorised along k) and uses it for all rows m while it is in L1. With a fixed row count each row is
+a reduction of its own over the same range, and inductor fuses them into one loop with a vector
+accumulator per row: M independent chains of adds, where a single accumulator would wait on every
+add's latency. phi-1-tiny's 25 matmuls on 2 AVX2 cores (EPYC), medians of alternated runs:
+
+| rows | an accumulator per row | one accumulator | MKL GEMM |
+|---|---|---|---|
+| 1 | 0.99 ms | 0.94 ms | 2.19 ms |
+| 2 | 0.93 ms | 1.10 ms | 3.14 ms |
+| 4 | 1.35 ms | 1.77 ms | 4.92 ms |
+| 8 | 1.40 ms | 2.66 ms | 4.03 ms |
+| 16 | 3.90 ms | 5.08 ms | 5.03 ms |
+
+At 16 rows the accumulators no longer fit in AVX2's 16 vector registers; the loop does the arithmetic
+without a GEMM's register blocking, so a GEMM's advantage returns for bigger batches (likely sooner
+where the BLAS has AMX or AVX-512 kernels; not measured), hence MAX_ROWS. A dynamic row count (the
+serving engine's bounded step) cannot be unrolled and keeps one accumulator per output.
+benchmarks/model_speed.py has the end-to-end decoding numbers.
 
 Inductor's own `decompose_mm_pass` rewrites one-row matmuls only, with the rows as the outer loop;
-that order took 2.5 ms at 8 rows in the same measurement.
+that order took 2.5 ms at 8 rows in an earlier run where one accumulator per output took 1.5 ms.
 
 Only CPU matmuls with fixed inner sizes and at most MAX_ROWS rows are rewritten: a fixed row count
 (the decode step of `phitrain.model.generate` fixes its batch size) or a dynamic one whose upper bound
@@ -28,7 +40,7 @@ from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMat
 
 aten = torch.ops.aten
 
-# decode batches up to this many rows: measured 3.6x faster than the GEMM at 8 rows, 2.1x at 16 (AVX2)
+# decode batches up to this many rows: measured 2.9x faster than the GEMM at 8 rows, 1.3x at 16 (AVX2)
 MAX_ROWS = 16
 
 _patterns = PatternMatcherPass(pass_name="phitrain_skinny_matmul")
@@ -52,10 +64,16 @@ def _upper_bound(size) -> int | None:
 
 
 def _rows_times_weight(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    # [N, 1, K] * [1, M, K] summed over K: output features outermost, so each weight row is read once;
-    # then [M, N] in row-major order like the matmul's (a small copy), so what follows, and the next
-    # matmul's input, keep k contiguous
-    return (w_t.t()[:, None, :] * x[None, :, :]).sum(-1).t().contiguous().to(x.dtype)
+    w = w_t.t()
+    if isinstance(x.shape[0], int):
+        # a reduction of its own per row, all over the same [N, K] range: inductor fuses them into one
+        # loop that loads each weight vector once for all rows and keeps a vector accumulator per row,
+        # M independent chains of adds instead of one; the rows are stacked straight into [M, N]
+        return torch.stack([(w * x[m]).sum(-1) for m in range(x.shape[0])]).to(x.dtype)
+    # a dynamic row count: [N, 1, K] * [1, M, K] summed over K, output features outermost (each weight
+    # row read once, one accumulator at a time), then [M, N] in row-major order like the matmul's (a
+    # small copy), so what follows, and the next matmul's input, keep k contiguous
+    return (w[:, None, :] * x[None, :, :]).sum(-1).t().contiguous().to(x.dtype)
 
 
 def _rewrite(match: Match, replacement, args, x: torch.fx.Node) -> None:
