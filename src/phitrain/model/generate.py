@@ -21,8 +21,9 @@ every step. The prompt's prefill stays eager (its length varies). Greedy tokens 
 A decode step multiplies a few rows (one per sequence) by every weight, and the BLAS's GEMM, built for
 big tiles, streams such skinny products far below the memory bandwidth. On CPU the fixed-shape step
 therefore runs `SkinnyMatmulPass` (phitrain.model.skinny_matmul): each matmul of up to 16 rows becomes
-one fused C++ loop that reads every weight row once and uses it for all rows (phi-1-tiny's 25 matmuls
-on 2 AVX2 cores: 1.5 vs 5.3 ms at 8 rows, 1.0 vs 2.3 ms at 1). `cpp_wrapper` calls the kernels from
+one fused C++ loop that reads every weight row once and uses it for all rows, with an accumulator per
+row (phi-1-tiny's 25 matmuls on 2 AVX2 cores: 1.4 vs 4.0 ms at 8 rows, 1.0 vs 2.2 ms at 1, against
+MKL's GEMM). `cpp_wrapper` calls the kernels from
 generated C++ instead of a Python wrapper. Over a KV cache of WINDOW_MIN_BYTES or more (phi-1-tiny: 8
 rows of 192 columns are 19 MB, as much as its weights) each step attends over the columns filled so
 far, not the whole buffer: the step sees a window of the cache (`KVCache.window`) whose width is a
