@@ -361,11 +361,12 @@ def main(argv=None) -> dict:
                       f"{args.max_tokens} tokens per client after {n}-token prompts; server on {args.device}, "
                       f"{args.threads} threads, max batch {args.max_batch_size}")
         with running_server(checkpoint, args) as server:
-            # warm-up: the server compiles its decode step on first use, one graph for a batch of one
-            # row, one for a few (on CPU up to ANY_SHAPE_SKINNY_ROWS, phitrain.model.generate) and one
-            # for more, so all are exercised before anything is timed
+            # warm-up: the server compiles its decode step on first use, on CPU one graph per row count
+            # it pads to (powers of two up to PADDED_ROWS_MAX, phitrain.model.generate) and one for
+            # more rows, so every batch size a measurement passes through runs compiled code
             warm = argparse.Namespace(**{**vars(args), "requests": 1, "max_tokens": 8})
-            for clients in (1, 2, max(args.clients)):
+            most = max(args.clients)
+            for clients in sorted({1 << i for i in range(most.bit_length())} | {most}):
                 bench_throughput(server, prompts, clients, warm)
             rows = []
             for clients in args.clients:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import subprocess
 
 import pytest
@@ -98,30 +97,26 @@ def test_compiled_batch_one_step_decomposes_its_matmuls_and_guards_each_call_onc
 
 
 def test_skinny_matmul_pass_rewrites_statically_shaped_cpu_matmuls_of_few_rows_only():
-    """Up to MAX_ROWS rows, fixed or dynamic with at most MAX_ROWS as its bound, a matmul becomes a
-    reduction with the eager values (to rounding); more rows, or a row count without such a bound,
-    keep the GEMM."""
+    """Up to MAX_ROWS fixed rows, a matmul becomes a reduction with the eager values (to rounding); more
+    rows, or a dynamic row count, keep the GEMM."""
     from torch._inductor import config as inductor_config
 
-    def linear_and_mm(x, w, b, bound=None):
-        if bound is not None:   # rows dynamic up to `bound`, as the serving engine's bounded step says
-            torch._check(x.shape[0] <= bound)
+    def linear_and_mm(x, w, b):
         return torch.nn.functional.linear(x, w, b), x @ w.t()     # aten.addmm, aten.mm
 
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(40, 48, generator=g), torch.randn(40, generator=g)
     options = {"post_grad_custom_post_pass": SkinnyMatmulPass()}
-    for rows, dynamic, bound, rewritten in [(1, False, None, 2), (8, False, None, 2), (MAX_ROWS, False, None, 2),
-                                            (MAX_ROWS + 1, False, None, 0), (4, True, None, 0),
-                                            (4, True, MAX_ROWS, 2), (4, True, MAX_ROWS + 1, 0)]:
+    for rows, dynamic, rewritten in [(1, False, 2), (8, False, 2), (MAX_ROWS, False, 2),
+                                     (MAX_ROWS + 1, False, 0), (4, True, 0)]:
         x = torch.randn(rows, 48, generator=g)
-        if dynamic:   # the row count only, as in the serving engine's step (its weights' sizes are fixed)
+        if dynamic:   # the row count only (the weights' sizes are fixed)
             torch._dynamo.mark_dynamic(x, 0)
         before = SkinnyMatmulPass.rewrites
         torch._dynamo.reset()
         with inductor_config.patch(fx_graph_cache=False):
-            got = torch.compile(functools.partial(linear_and_mm, bound=bound), options=options)(x, w, b)
-        assert SkinnyMatmulPass.rewrites - before == rewritten, (rows, dynamic, bound)
+            got = torch.compile(linear_and_mm, options=options)(x, w, b)
+        assert SkinnyMatmulPass.rewrites - before == rewritten, (rows, dynamic)
         for out, ref in zip(got, linear_and_mm(x, w, b)):
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 

@@ -108,29 +108,31 @@ def test_rows_join_and_leave_a_running_batch_and_compute_what_they_would_alone(l
     assert engine.cache is None and engine.rows == []
 
 
-def test_compiled_cpu_engine_runs_the_skinny_matmul_graph_up_to_its_row_bound(loaded, window_widths):
-    """Ten rows finishing one by one: the decode step runs the GEMM graph above ANY_SHAPE_SKINNY_ROWS
-    rows, then the SkinnyMatmulPass graphs down to one row, each step over the filled columns of the
-    cache only; every row equals generate()."""
+def test_compiled_cpu_engine_pads_its_rows_to_graphs_of_fixed_row_counts(loaded, window_widths, monkeypatch):
+    """Six rows finishing one by one, padding up to 4 rows: above the bound the decode step runs the
+    graph for any row count (the GEMM), then graphs for 4, 2 and 1 rows with SkinnyMatmulPass, 3 rows
+    padded to 4; each step over the filled columns of the cache only; every row equals generate()."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._inductor import config as inductor_config
 
     import phitrain.model.generate as generate_module
-    from phitrain.model.generate import ANY_SHAPE_SKINNY_ROWS
     from phitrain.model.skinny_matmul import SkinnyMatmulPass
 
+    monkeypatch.setattr(generate_module, "PADDED_ROWS_MAX", 4)
     model, tokenizer = loaded
-    n = ANY_SHAPE_SKINNY_ROWS + 2
+    n = 6
     engine = BatchEngine(model, tokenizer, max_batch_size=n, compile=True)
     prompts = [[(7 * i + j) % 200 + 3 for j in range(1 + i % 4)] for i in range(n)]
     seqs = [Sequence(p, SamplingParams(3 + i, ignore_eos=True), Collector(), stream=False)
             for i, p in enumerate(prompts)]
     for seq in seqs:
         engine.add(seq)
-    filled, decode = [], engine._decode
+    filled, shapes, decode = [], [], engine._decode
 
-    def recording_decode():    # the columns each decode step may attend to: the filled ones and its own
+    def recording_decode():    # the columns each decode step may attend to, and its (rows, cache rows)
         filled.append(engine.cache.length + 1)
+        if not shapes or shapes[-1] != (len(engine.rows), len(engine.cache.k[0])):
+            shapes.append((len(engine.rows), len(engine.cache.k[0])))
         decode()
 
     engine._decode = recording_decode
@@ -142,13 +144,14 @@ def test_compiled_cpu_engine_runs_the_skinny_matmul_graph_up_to_its_row_bound(lo
     for i, seq in enumerate(seqs):
         assert seq.generated == generate(model, [prompts[i]], 3 + i)[0], i
     assert window_widths == filled and len(filled) == (3 + n - 1) - 1   # the first token is the prefill's
-    assert engine.stats.max_batch_size == n
-    # the bounded step's two graphs (2..bound rows, the count dynamic; one row) rewrite every matmul,
-    # the GEMM graph (one, for every width and row count above the bound) none
-    skinny_graphs = _debug_get_cache_entry_list(generate_module._decode_logits_any_shape_skinny.__code__)
+    assert shapes == [(6, 6), (5, 5), (4, 4), (3, 4), (2, 2), (1, 1)]
+    # two steps of 6 rows, one of each fewer; real rows only (3 rows padded to 4 count 3)
+    assert engine.stats.max_batch_size == n and engine.stats.batch_rows == n + sum(range(1, n + 1))
+    # the fixed row counts' graphs (4, 2, 1) rewrite every matmul, the graph for any row count none
+    fixed_graphs = _debug_get_cache_entry_list(generate_module._decode_logits_any_width.__code__)
     gemm_graphs = _debug_get_cache_entry_list(generate_module._decode_logits_any_shape.__code__)
-    assert (len(skinny_graphs), len(gemm_graphs)) == (2, 1)
-    assert SkinnyMatmulPass.rewrites - rewrites == len(skinny_graphs) * (4 * model.config.num_layers + 1)
+    assert (len(fixed_graphs), len(gemm_graphs)) == (3, 1)
+    assert SkinnyMatmulPass.rewrites - rewrites == len(fixed_graphs) * (4 * model.config.num_layers + 1)
     # rows that need no padding (equal prompts, admitted together) run the same graphs as padded ones
     aligned = [Sequence([5, 6, 7], SamplingParams(4, ignore_eos=True), Collector(), stream=False)
                for _ in range(2)]
@@ -159,7 +162,7 @@ def test_compiled_cpu_engine_runs_the_skinny_matmul_graph_up_to_its_row_bound(lo
     while engine.busy:
         engine.step()
     assert [s.generated for s in aligned] == generate(model, [[5, 6, 7]] * 2, 4)
-    assert len(_debug_get_cache_entry_list(generate_module._decode_logits_any_shape_skinny.__code__)) == 2
+    assert len(_debug_get_cache_entry_list(generate_module._decode_logits_any_width.__code__)) == 3
 
 
 def test_eos_and_stop_strings_end_a_row_like_complete(loaded):

@@ -33,9 +33,11 @@ first decode step of a `generate` call has passed dynamo's guards, the remaining
 (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`). CUDA keeps the full cache under the mask:
 a CUDA graph replays fixed shapes. benchmarks/model_speed.py has the end-to-end numbers.
 
-The serving engine's step (`any_shape`), compiled once for any rows and cache width, always attends
-over a window of the filled columns (its width is dynamic anyway), and on CPU up to
-ANY_SHAPE_SKINNY_ROWS rows runs a graph of its own with `SkinnyMatmulPass`, its row count bounded.
+The serving engine's step (`any_shape`) always attends over a window of the filled columns, its width
+a dynamic dimension (rows come and go, and their cache is rebuilt to the longest row each time). On CPU
+the engine pads its rows to a power of two up to PADDED_ROWS_MAX (`CompiledDecoder.batch_rows`), and
+each of those row counts has a graph of its own with `SkinnyMatmulPass` (the rows fixed, so an
+accumulator per row); more rows, and CUDA, run one graph for any row count.
 benchmarks/serve_speed.py has the served throughput.
 """
 
@@ -51,7 +53,7 @@ import torch
 
 from phitrain.compile_cache import keep_inductor_cache
 from phitrain.model.phi import KVCache, PhiModel
-from phitrain.model.skinny_matmul import SkinnyMatmulPass
+from phitrain.model.skinny_matmul import MAX_ROWS, SkinnyMatmulPass
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -114,24 +116,25 @@ AUTO_COMPILE_DECODE_STEPS = 10_000
 # Making the window costs ~0.1 ms a step (views, dynamic-shape guards): measured at 128 new tokens for
 # phi-1-tiny, 8 rows (19 MB of cache) gain 14%, 1 row (2.4 MB) loses 6%.
 WINDOW_MIN_BYTES = 4 * 2**20
-# The serving engine's any-shape CPU step runs SkinnyMatmulPass up to this many rows (its row count a
-# dynamic size bounded by it; more rows take a graph without the pass). Measured per step for
-# phi-1-tiny over 41 cached columns (masked) on 2 AVX2 cores, two runs: 2 rows 2.2-2.5 vs 4.6 ms, 4 rows
-# 2.8-3.2 vs 5.6-6.1, 8 rows 4.7-5.0 vs 5.5-5.7, 12 rows 6.6-6.8 vs 6.2-6.8, 16 rows 7.8-8.3 vs 6.7-7.1:
-# with the rows unknown at compile time the loop gains less than in generate's fixed-shape step.
-ANY_SHAPE_SKINNY_ROWS = 8
+# The serving engine's CPU step pads its rows to a power of two up to this many (1, 2, 4, 8, 16), each
+# such row count a graph of its own with SkinnyMatmulPass and only the cache width dynamic. Per step for
+# phi-1-tiny over 41 and 120 cached columns on 2 AVX2 cores, against a graph with the row count dynamic
+# too (up to 8 rows with the pass's one accumulator per output, above that the GEMM): 2 rows 1.66-1.90
+# vs 2.21-2.35 ms, 4 rows 2.03-2.26 vs 2.58-2.91, 8 rows 2.69-3.24 vs 3.92-4.26, 16 rows 6.25-7.58 vs
+# 7.51-8.57 (12 rows with the GEMM 6.94-7.77): a padded row costs less than the dynamic count does.
+PADDED_ROWS_MAX = MAX_ROWS
 
 
 class CompiledDecoder:
     """One decode step of a model (one new token per row → next-token logits) as a compiled graph.
 
     Two compiled forms: `generate` keeps its shapes fixed (cache widths rounded up to _CAPACITY_STEP), so
-    its graphs are specialised to them (`dynamic=False`, the fastest code); the serving engine's rows and
-    cache widths change with every request that joins or leaves, so its graphs hold for any row count
-    and width (those sizes marked dynamic at each call): one for a single row, one for more rows, and on
-    CPU one for 2 to ANY_SHAPE_SKINNY_ROWS rows with SkinnyMatmulPass. The model is an argument, not
-    captured, so a model's compiled code does not keep it alive; graphs are cached by dynamo per model
-    configuration and shape.
+    its graphs are specialised to them (`dynamic=False`, the fastest code); the serving engine's cache
+    widths change with every request that joins or leaves, so its graphs hold for any width (marked
+    dynamic at each call): on CPU one graph per row count up to PADDED_ROWS_MAX (the engine pads its
+    rows to `batch_rows`), with SkinnyMatmulPass; for more rows, or on CUDA, one graph for a single row
+    and one for any row count. The model is an argument, not captured, so a model's compiled code does
+    not keep it alive; graphs are cached by dynamo per model configuration and shape.
 
     It holds the model's latest KV cache for `generate` to reuse: a CUDA graph is recorded for its
     buffers, and a cache's unwritten or stale columns are never attended (they lie past
@@ -150,6 +153,13 @@ class CompiledDecoder:
     def capacity(self, total: int) -> int:
         limit = self.model_ref().config.max_position_embeddings
         return min(limit, -(-total // _CAPACITY_STEP) * _CAPACITY_STEP)
+
+    def batch_rows(self, rows: int) -> int:
+        """The rows the serving engine's cache and step hold for `rows` sequences: on CPU up to
+        PADDED_ROWS_MAX the next power of two (a graph per such count, see PADDED_ROWS_MAX), else `rows`."""
+        if self.device.type != "cpu" or rows > PADDED_ROWS_MAX:
+            return rows
+        return min(1 << (rows - 1).bit_length(), PADDED_ROWS_MAX)
 
     def cache(self, batch_size: int, capacity: int) -> KVCache:
         cache = self._cache
@@ -170,17 +180,14 @@ class CompiledDecoder:
         # the guards between graphs are needed; the serving engine's shapes change between its calls
         skip_guards = self._guarded and not any_shape
         rows = last_ids.shape[0]
-        if any_shape:
-            skinny = self.device.type == "cpu" and rows <= ANY_SHAPE_SKINNY_ROWS
-            step = steps.any_shape_skinny if skinny else steps.any_shape
-        else:
-            step = steps.fixed
+        fixed_rows = not any_shape or (self.device.type == "cpu" and rows <= PADDED_ROWS_MAX)
+        step = steps.fixed if not any_shape else steps.any_width if fixed_rows else steps.any_shape
         seen = cache
         if any_shape or self._window:  # attend over the filled columns only, at any width
             seen = cache.window(cache.length + 1)
             mask = None if mask is None else mask[:, :cache.length + 1]
             if not skip_guards:  # (a step that skips the guards runs the graph the first step found)
-                _mark_varying_sizes(seen, mask, last_ids, positions, varying_rows=any_shape and rows > 1)
+                _mark_varying_sizes(seen, mask, last_ids, positions, varying_rows=not fixed_rows and rows > 1)
         with torch.compiler.set_stance(skip_guard_eval_unsafe=True) if skip_guards else nullcontext():
             logits = step(self.model_ref(), last_ids, positions, seen, column, mask)
         self._guarded = not any_shape
@@ -189,9 +196,9 @@ class CompiledDecoder:
 
 
 def _mark_varying_sizes(window: KVCache, mask, last_ids, positions, varying_rows: bool) -> None:
-    # the sizes that change from step to step are dynamic in the graph: the width, and the serving
-    # engine's rows (one row is a graph of its own: dynamo specialises sizes of 1); the heads, head size,
-    # weights and the model's floats stay fixed, as in a fixed-shape graph
+    # the sizes that change from step to step are dynamic in the graph: the width, and the rows of the
+    # serving engine's any-row-count graph (one row is a graph of its own: dynamo specialises sizes of
+    # 1); the heads, head size, weights and the model's floats stay fixed, as in a fixed-shape graph
     for buffer in window.k + window.v:
         torch._dynamo.mark_dynamic(buffer, [0, 2] if varying_rows else 2)
     if mask is not None:
@@ -210,16 +217,15 @@ def _decode_logits_any_shape(model, last_ids, positions, cache, column, mask):
     return _decode_logits(model, last_ids, positions, cache, column, mask)
 
 
-def _decode_logits_any_shape_skinny(model, last_ids, positions, cache, column, mask):
-    # the bound on the rows is what lets SkinnyMatmulPass rewrite a graph whose row count is dynamic
-    torch._check(last_ids.shape[0] <= ANY_SHAPE_SKINNY_ROWS)
+def _decode_logits_any_width(model, last_ids, positions, cache, column, mask):
+    # (a code object of its own too)
     return _decode_logits(model, last_ids, positions, cache, column, mask)
 
 
 class DecodeSteps(NamedTuple):
     fixed: Callable             # generate's: shapes fixed, CUDA graphs on CUDA, SkinnyMatmulPass on CPU
     any_shape: Callable         # the serving engine's, for any rows and cache width
-    any_shape_skinny: Callable  # the same for at most ANY_SHAPE_SKINNY_ROWS rows, with SkinnyMatmulPass
+    any_width: Callable         # the serving engine's on CPU: rows fixed (a graph per count), any cache width
 
 
 @functools.cache
@@ -231,9 +237,11 @@ def _compiled_steps(device_type: str) -> DecodeSteps:
     skinny = {"post_grad_custom_post_pass": SkinnyMatmulPass()}
     fixed = (dict(mode="reduce-overhead") if device_type == "cuda" else
              dict(options={"cpp_wrapper": True, **skinny}))
+    # any_width: dynamic=False keeps each row count a graph of its own (dynamo would otherwise make the
+    # rows dynamic at the second count it sees); only the width, marked at each call, is dynamic
     return DecodeSteps(torch.compile(_decode_logits, fullgraph=True, dynamic=False, **fixed),
                        torch.compile(_decode_logits_any_shape, fullgraph=True),
-                       torch.compile(_decode_logits_any_shape_skinny, fullgraph=True, options=skinny))
+                       torch.compile(_decode_logits_any_width, fullgraph=True, dynamic=False, options=skinny))
 
 
 _DECODERS: "weakref.WeakKeyDictionary[PhiModel, CompiledDecoder]" = weakref.WeakKeyDictionary()

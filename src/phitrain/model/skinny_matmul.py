@@ -19,21 +19,20 @@ add's latency. phi-1-tiny's 25 matmuls on 2 AVX2 cores (EPYC), medians of altern
 
 At 16 rows the accumulators no longer fit in AVX2's 16 vector registers; the loop does the arithmetic
 without a GEMM's register blocking, so a GEMM's advantage returns for bigger batches (likely sooner
-where the BLAS has AMX or AVX-512 kernels; not measured), hence MAX_ROWS. A dynamic row count (the
-serving engine's bounded step) cannot be unrolled and keeps one accumulator per output.
+where the BLAS has AMX or AVX-512 kernels; not measured), hence MAX_ROWS. A dynamic row count cannot
+be unrolled into accumulators, so only fixed row counts are rewritten: the serving engine pads its rows
+to a few fixed counts instead (`phitrain.model.generate.PADDED_ROWS_MAX`).
 benchmarks/model_speed.py has the end-to-end decoding numbers.
 
 Inductor's own `decompose_mm_pass` rewrites one-row matmuls only, with the rows as the outer loop;
 that order took 2.5 ms at 8 rows in an earlier run where one accumulator per output took 1.5 ms.
 
-Only CPU matmuls with fixed inner sizes and at most MAX_ROWS rows are rewritten: a fixed row count
-(the decode step of `phitrain.model.generate` fixes its batch size) or a dynamic one whose upper bound
-is known to the compiler (the serving engine's bounded step says `torch._check(rows <= bound)`).
+Only CPU matmuls of fixed sizes with at most MAX_ROWS rows are rewritten (the decode steps of
+`phitrain.model.generate` fix their row counts).
 """
 
 from __future__ import annotations
 
-import sympy
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.pattern_matcher import Arg, CallFunction, Match, PatternMatcherPass, register_graph_pattern
@@ -50,30 +49,16 @@ def _skinny(x: torch.fx.Node, w_t: torch.fx.Node) -> bool:
     a, b = x.meta.get("val"), w_t.meta.get("val")
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.dim() != 2 or b.dim() != 2:
         return False
-    rows = _upper_bound(a.shape[0])
-    static = all(isinstance(d, int) for d in (*a.shape[1:], *b.shape))
-    return static and a.device.type == b.device.type == "cpu" and rows is not None and rows <= MAX_ROWS
-
-
-def _upper_bound(size) -> int | None:
-    """The most a graph's size can be: itself if fixed, else its symbol's upper bound (None if none)."""
-    if isinstance(size, int):
-        return size
-    upper = size.node.shape_env.bound_sympy(size.node.expr).upper
-    return int(upper) if isinstance(upper, sympy.Integer) else None   # (no bound: torch's int_oo)
+    static = all(isinstance(d, int) for d in (*a.shape, *b.shape))
+    return static and a.device.type == b.device.type == "cpu" and a.shape[0] <= MAX_ROWS
 
 
 def _rows_times_weight(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    # a reduction of its own per row, all over the same [N, K] range: inductor fuses them into one loop
+    # that loads each weight vector once for all rows and keeps a vector accumulator per row, M
+    # independent chains of adds instead of one; the rows are stacked straight into [M, N]
     w = w_t.t()
-    if isinstance(x.shape[0], int):
-        # a reduction of its own per row, all over the same [N, K] range: inductor fuses them into one
-        # loop that loads each weight vector once for all rows and keeps a vector accumulator per row,
-        # M independent chains of adds instead of one; the rows are stacked straight into [M, N]
-        return torch.stack([(w * x[m]).sum(-1) for m in range(x.shape[0])]).to(x.dtype)
-    # a dynamic row count: [N, 1, K] * [1, M, K] summed over K, output features outermost (each weight
-    # row read once, one accumulator at a time), then [M, N] in row-major order like the matmul's (a
-    # small copy), so what follows, and the next matmul's input, keep k contiguous
-    return (w[:, None, :] * x[None, :, :]).sum(-1).t().contiguous().to(x.dtype)
+    return torch.stack([(w * x[m]).sum(-1) for m in range(x.shape[0])]).to(x.dtype)
 
 
 def _rewrite(match: Match, replacement, args, x: torch.fx.Node) -> None:

@@ -140,7 +140,7 @@ class BatchEngine:
         self.waiting: list[Sequence] = []
         self.rows: list[Sequence] = []
         self.cache: KVCache | None = None  # cache.length is the common end column of all rows
-        self.mask: torch.Tensor | None = None  # [rows, capacity], 1 = a real token (or a future one)
+        self.mask: torch.Tensor | None = None  # [cache rows, capacity], 1 = a real token (or a future one)
         self.padded = False  # whether any row has left padding (else attention needs no mask)
         self.stats = EngineStats()
 
@@ -211,8 +211,11 @@ class BatchEngine:
         rows = [seq for *_, seqs in groups for seq in seqs]
         end = max(s.cached for s in rows)
         capacity = end + max(s.params.max_tokens - len(s.generated) for s in rows) + 1
-        cache = KVCache(self.model.config, len(rows), capacity, self.device, self.dtype)
-        mask = torch.zeros(len(rows), capacity, dtype=torch.long, device=self.device)
+        # compiled on CPU, rows are padded to a row count with a graph of its own (`batch_rows`); a pad
+        # row attends to the columns it writes itself and its logits are dropped
+        size = self.decoder.batch_rows(len(rows)) if self.decoder is not None else len(rows)
+        cache = KVCache(self.model.config, size, capacity, self.device, self.dtype)
+        mask = torch.zeros(size, capacity, dtype=torch.long, device=self.device)
         mask[:, end:] = 1
         at = 0
         for src_cache, src_mask, src_end, index, _ in groups:
@@ -224,19 +227,20 @@ class BatchEngine:
             at += n
         cache.length = end
         self.rows, self.cache, self.mask = rows, cache, mask
-        self.padded = bool((mask[:, :end] == 0).any())
+        self.padded = bool((mask[:len(rows), :end] == 0).any())
 
     def _decode(self) -> None:
         """One forward over every running row's last token, then one new token per row."""
         rows = self.rows
-        last = torch.tensor([[s.generated[-1]] for s in rows], dtype=torch.long, device=self.device)
-        positions = torch.tensor([[s.cached] for s in rows], dtype=torch.long, device=self.device)
+        pad = [[0]] * (len(self.mask) - len(rows))   # pad rows (`_assemble`): any token, any position
+        last = torch.tensor([[s.generated[-1]] for s in rows] + pad, dtype=torch.long, device=self.device)
+        positions = torch.tensor([[s.cached] for s in rows] + pad, dtype=torch.long, device=self.device)
         # compiled, a batch of several rows passes its mask even when no row is padded (all ones then:
         # ~5% of such a step): one graph per row count instead of two (a lone row is never padded,
         # `_assemble` aligns it to its own tokens)
-        masked = self.padded or (self.decoder is not None and len(rows) > 1)
+        masked = self.padded or (self.decoder is not None and len(self.mask) > 1)
         logits = decode_step(self.model, last, positions, self.cache, self.mask if masked else None,
-                             self.decoder, any_shape=True)
+                             self.decoder, any_shape=True)[:len(rows)]
         self.stats.batches += 1
         self.stats.batch_rows += len(rows)
         self.stats.max_batch_size = max(self.stats.max_batch_size, len(rows))
