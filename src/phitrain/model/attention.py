@@ -12,10 +12,15 @@ cores. Two remedies, each where it measured faster:
   instead of flash's 13.2; 4 x 512: 12.2 vs 18.0; 4 x 1024: 54.5 vs 39.9 (the score blocks outgrow
   the caches), hence the limit. fp32 inputs keep flash (11.1 vs 9.3 ms). Eager, the written-out
   backward is slower than flash (each elementwise op one more pass over B·H·T² floats), so eager
-  keeps flash. Not measured without AMX, so not used there.
+  keeps flash. Without AMX it measured slower than the fp32 path below (Zen 4, compiled: 25.4 vs
+  22.6 ms), so it is not used there.
 - bf16 training on a CPU without AMX (eager or compiled), up to FP32_ATTENTION_MAX_LEN tokens:
-  attention in fp32. There the flash kernel's bf16 backward was slower than its fp32 one (22 vs 14 ms
-  per layer at the shape above); with AMX bf16 is faster (15 vs 17 ms), so this applies only without.
+  attention in fp32. There the flash kernel's bf16 backward was slower than its fp32 one: 22 vs 14 ms
+  per layer at the shape above where bf16 is emulated (AVX2), forward + backward 29-30 vs 22.6 ms where
+  it is native (Zen 4, AVX512-BF16); with AMX bf16 is faster (15 vs 17 ms), so this applies only
+  without. On Zen 4 attention written out whole for inductor measured slower still (35 ms in bf16
+  with fp32 scores, 44 all in fp32, against 31 for fp32 flash in that run), and at 4 x 1024 bf16 flash was
+  fastest (107-117 ms against 116-126 for the others).
 """
 
 from __future__ import annotations
