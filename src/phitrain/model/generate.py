@@ -157,9 +157,11 @@ class CompiledDecoder:
     def batch_rows(self, rows: int) -> int:
         """The rows the serving engine's cache and step hold for `rows` sequences: on CPU up to
         PADDED_ROWS_MAX the next power of two (a graph per such count, see PADDED_ROWS_MAX), else `rows`."""
-        if self.device.type != "cpu" or rows > PADDED_ROWS_MAX:
-            return rows
-        return min(1 << (rows - 1).bit_length(), PADDED_ROWS_MAX)
+        return min(1 << (rows - 1).bit_length(), PADDED_ROWS_MAX) if self._fixed_rows(rows) else rows
+
+    def _fixed_rows(self, rows: int) -> bool:
+        """Whether the serving engine's step for `rows` rows is a graph for that row count alone."""
+        return self.device.type == "cpu" and rows <= PADDED_ROWS_MAX
 
     def cache(self, batch_size: int, capacity: int) -> KVCache:
         cache = self._cache
@@ -180,7 +182,7 @@ class CompiledDecoder:
         # the guards between graphs are needed; the serving engine's shapes change between its calls
         skip_guards = self._guarded and not any_shape
         rows = last_ids.shape[0]
-        fixed_rows = not any_shape or (self.device.type == "cpu" and rows <= PADDED_ROWS_MAX)
+        fixed_rows = not any_shape or self._fixed_rows(rows)
         step = steps.fixed if not any_shape else steps.any_width if fixed_rows else steps.any_shape
         seen = cache
         if any_shape or self._window:  # attend over the filled columns only, at any width
