@@ -1,5 +1,6 @@
 """The CPU training attention paths (model/attention.py): the written-out backward gives the flash
-kernel's gradients, and compiled bf16 training uses it (and only where it measured faster)."""
+kernel's gradients, and compiled bf16 training uses it where it measured faster (AMX); without AMX,
+phitrain's own kernel (model/cpu_attention.py, tested in test_cpu_attention.py) is used."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from phitrain.model.attention import _FlashForwardMathBackward
 from phitrain.model.phi import PhiModel
 
 FLASH_BACKWARD = "_scaled_dot_product_flash_attention_for_cpu_backward"
+OWN_BACKWARD = "phitrain.causal_attention_backward"
 
 
 def _grads(fn, q, k, v, grad_out):
@@ -77,23 +79,37 @@ def test_compiled_bf16_training_uses_the_written_out_backward(name, monkeypatch)
     for (pname, p), q in zip(eager.named_parameters(), compiled.parameters()):
         assert torch.allclose(p.grad, q.grad, rtol=0.05, atol=2e-3), pname
 
-    # beyond the measured limit, and without AMX, the flash kernel's own backward is kept
-    for setting in [("MATH_BACKWARD_MAX_LEN", 32), ("CPU_HAS_AMX", False)]:
+    # beyond the measured limit the flash kernel's own backward is kept; without AMX, phitrain's kernel
+    for setting, backward in [(("MATH_BACKWARD_MAX_LEN", 32), FLASH_BACKWARD), (("CPU_HAS_AMX", False), OWN_BACKWARD)]:
         torch._dynamo.reset()
         with monkeypatch.context() as patch:
             patch.setattr(attention_mod, *setting)
             torch.manual_seed(0)
             graphs = _backward_graphs(PhiModel(cfg), ids, targets)
-        assert any(FLASH_BACKWARD in code for code in graphs), setting
+        assert any(backward in code for code in graphs), setting
 
 
 @pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
-def test_eager_training_keeps_the_flash_kernel(amx, monkeypatch):
-    """Eager bf16 training runs the flash kernel: in bf16 with AMX, in fp32 without (set here, so both
-    are checked on any CPU)."""
+def test_eager_bf16_training_paths(amx, monkeypatch):
+    """Eager bf16 training runs the flash kernel in bf16 with AMX, phitrain's kernel in fp32 without
+    (set here, so both are checked on any CPU); fp32 training runs phitrain's kernel on either."""
     monkeypatch.setattr(attention_mod, "CPU_HAS_AMX", amx)
     q, k, v = (torch.randn(1, 2, 16, 32, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     out = attention_mod.attention(q, k, v, attn_mask=None, is_causal=True, dropout_p=0.0, enable_gqa=False)
     assert "FlashForwardMathBackward" not in type(out.grad_fn).__name__
-    inputs = (q, k, v) if amx else (q.float(), k.float(), v.float())
-    assert torch.equal(out, F.scaled_dot_product_attention(*inputs, is_causal=True).to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    if amx:
+        assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    else:
+        assert _runs_own_kernel(out)
+        reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+        assert torch.allclose(out.float(), reference, atol=1e-2, rtol=1e-2)
+    fp32 = attention_mod.attention(q.float(), k.float(), v.float(), attn_mask=None, is_causal=True,
+                                   dropout_p=0.0, enable_gqa=False)
+    assert _runs_own_kernel(fp32)
+
+
+def _runs_own_kernel(out) -> bool:
+    """Whether phitrain's causal-attention op made `out` (directly, or before a cast back to bf16)."""
+    fns = [out.grad_fn, *(fn for fn, _ in out.grad_fn.next_functions)]
+    return any("phitrain_causal_attention" in type(fn).__name__ for fn in fns)

@@ -1,26 +1,29 @@
-"""Scaled dot-product attention as the model calls it, with two CPU training paths chosen by measurement.
+"""Scaled dot-product attention as the model calls it, with CPU training paths chosen by measurement.
 
-`F.scaled_dot_product_attention` runs a fused flash kernel on CPU. Its forward is fast (with AMX it
-runs its block matmuls on the tile unit), but its backward is not: for phi-1-tiny's 8 sequences x 8 heads
-x 256 tokens x 32 dims in bf16 the forward takes 1.5 ms and the backward 12 ms on 2 Sapphire Rapids
-cores. Two remedies, each where it measured faster:
+`F.scaled_dot_product_attention` runs a fused flash kernel on CPU, which multiplies small blocks
+through the BLAS; at phi-1-tiny's 32-dim heads that runs far below the FMA units' rate, and its
+backward is slower still. Two remedies, each where it measured faster:
 
+- phitrain's own causal kernel (`model/cpu_attention.c`, fp32, one thread per head with its keys in
+  the caches; `cpu_attention.py` builds it) for CPU training, causal, no mask or dropout, head size a
+  multiple of 16: fp32 inputs, and bf16 inputs on a CPU without AMX (computed in fp32 and cast back;
+  there the flash kernel's bf16 backward was slower than its fp32 one: 22 vs 14 ms per layer where bf16
+  is emulated, AVX2; 29-30 vs 22.6 ms where it is native, Zen 4). On 2 Ice Lake cores (AVX-512,
+  fp32), forward + backward per layer against fp32 flash, side by side (medians of 15): 8 x 8 heads x
+  256 tokens x 32 dims 14.5 vs 20.3 ms, 4 x 1024 80.7 vs 94.8 ms, 4 x 4 heads x 512 x 64 dims 20.2 vs
+  28.7 ms
+  (`benchmarks/model_speed.py` shows it in a whole training step).
 - Compiled bf16 training (`compile: true`/`auto`) on a CPU with AMX, causal, no dropout, up to
-  MATH_BACKWARD_MAX_LEN tokens: the flash forward, and a backward written out as batched matmuls
-  around elementwise work that inductor fuses (`_FlashForwardMathBackward`), over blocks of 256
-  queries that skip the keys a causal block never sees. Forward + backward at the shape above: 7.2 ms
-  instead of flash's 13.2; 4 x 512: 12.2 vs 18.0; 4 x 1024: 54.5 vs 39.9 (the score blocks outgrow
-  the caches), hence the limit. fp32 inputs keep flash (11.1 vs 9.3 ms). Eager, the written-out
-  backward is slower than flash (each elementwise op one more pass over B·H·T² floats), so eager
-  keeps flash. Without AMX it measured slower than the fp32 path below (Zen 4, compiled: 25.4 vs
-  22.6 ms), so it is not used there.
-- bf16 training on a CPU without AMX (eager or compiled), up to FP32_ATTENTION_MAX_LEN tokens:
-  attention in fp32. There the flash kernel's bf16 backward was slower than its fp32 one: 22 vs 14 ms
-  per layer at the shape above where bf16 is emulated (AVX2), forward + backward 29-30 vs 22.6 ms where
-  it is native (Zen 4, AVX512-BF16); with AMX bf16 is faster (15 vs 17 ms), so this applies only
-  without. On Zen 4 attention written out whole for inductor measured slower still (35 ms in bf16
-  with fp32 scores, 44 all in fp32, against 31 for fp32 flash in that run), and at 4 x 1024 bf16 flash was
-  fastest (107-117 ms against 116-126 for the others).
+  MATH_BACKWARD_MAX_LEN tokens: the flash forward, whose bf16 block matmuls run on the tile unit, and a
+  backward written out as batched matmuls around elementwise work that inductor fuses
+  (`_FlashForwardMathBackward`), over blocks of 256 queries that skip the keys a causal block never
+  sees. Forward + backward at 8 x 256 on 2 Sapphire Rapids cores: 7.2 ms instead of flash's 13.2
+  (flash forward 1.5, backward 12); 4 x 512: 12.2 vs 18.0; 4 x 1024: 54.5 vs 39.9 (the score blocks
+  outgrow the caches), hence the limit. Eager, the written-out backward is slower than flash (each
+  elementwise op one more pass over B·H·T² floats), so eager bf16 keeps flash there. Without AMX it
+  measured slower than fp32 attention (Zen 4, compiled: 25.4 vs 22.6 ms), so it is not used there;
+  nor was attention written out whole for inductor (Zen 4: 35 ms in bf16 with fp32 scores, 44 all in
+  fp32, against 31 for fp32 flash in that run).
 """
 
 from __future__ import annotations
@@ -28,9 +31,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from phitrain.model import cpu_attention
+
 MATH_BACKWARD_MAX_LEN = 512
 BACKWARD_QUERY_BLOCK = 256
-FP32_ATTENTION_MAX_LEN = 512
 
 
 # Whether this CPU has AMX tiles (Sapphire Rapids and later), which oneDNN's bf16 matmuls use.
@@ -39,19 +43,16 @@ CPU_HAS_AMX: bool = torch.cpu._is_amx_tile_supported()
 
 def attention(q, k, v, *, attn_mask, is_causal: bool, dropout_p: float, enable_gqa: bool) -> torch.Tensor:
     """softmax(q kᵀ/√d + mask) v over [B, H, T, D] queries and [B, H_kv, S, D] keys/values."""
-    if q.device.type == "cpu" and q.requires_grad:
-        T = q.shape[-2]
-        if (is_causal and attn_mask is None and dropout_p == 0.0 and q.dtype == torch.bfloat16
-                and T <= MATH_BACKWARD_MAX_LEN and CPU_HAS_AMX and torch.compiler.is_compiling()):
-            if enable_gqa:   # one key/value head per query head; autograd sums their gradients back
-                group = q.shape[1] // k.shape[1]
-                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            return _FlashForwardMathBackward.apply(q, k, v)
-        if q.dtype == torch.bfloat16 and T <= FP32_ATTENTION_MAX_LEN and not CPU_HAS_AMX:
-            with torch.autocast("cpu", enabled=False):
-                return F.scaled_dot_product_attention(
-                    q.float(), k.float(), v.float(), attn_mask=attn_mask, is_causal=is_causal,
-                    dropout_p=dropout_p, enable_gqa=enable_gqa).to(q.dtype)
+    if (q.device.type == "cpu" and q.requires_grad and is_causal and attn_mask is None and dropout_p == 0.0
+            and q.dtype in (torch.float32, torch.bfloat16)):
+        if q.dtype == torch.bfloat16 and CPU_HAS_AMX:
+            if q.shape[-2] <= MATH_BACKWARD_MAX_LEN and torch.compiler.is_compiling():
+                if enable_gqa:   # one key/value head per query head; autograd sums their gradients back
+                    group = q.shape[1] // k.shape[1]
+                    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+                return _FlashForwardMathBackward.apply(q, k, v)
+        elif cpu_attention.AVAILABLE and cpu_attention.supports(q, k):
+            return cpu_attention.causal_attention(q.float(), k.float(), v.float())[0].to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                           dropout_p=dropout_p, enable_gqa=enable_gqa)
 

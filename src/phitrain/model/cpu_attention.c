@@ -1,0 +1,268 @@
+/* Causal attention forward and backward on the CPU, in fp32, for heads whose size is a multiple of 16.
+ *
+ * Why: PyTorch's CPU flash kernel multiplies small blocks through the BLAS, which at phi-1-tiny's
+ * 32-dim heads runs far below the FMA units' rate (forward + backward ~18 ms per layer for 8 x 8 heads
+ * x 256 tokens on 2 Ice Lake cores, for ~0.9 GFLOP). Here one thread owns one (batch, head) pair at a
+ * time: its keys and values (T x D floats, 32 KB at T = 256) stay in the caches, the scores are
+ * computed RF (forward) or RB (backward) queries at a time in registers, that many FMAs per key vector
+ * loaded, and nothing is shared between threads, so no atomics and no reductions across them.
+ * Measured side by side against that kernel (fp32, 2 Ice Lake cores, medians of 15): forward 1.3-1.7x
+ * and backward 1.1-1.4x faster at 8 x 8 x 256 x 32, 4 x 8 x 1024 x 32 and 4 x 4 x 512 x 64.
+ *
+ * The arithmetic is FlashAttention's (Dao et al. 2022) without the tiling over keys, which a head this
+ * small does not need: the forward keeps each query row's log-sum-exp, the backward recomputes
+ *     P = exp(s q kᵀ − lse), dV = Pᵀ dO, dS = s P ∘ (dO Vᵀ − rowsum(dO ∘ O)), dQ = dS K, dK = dSᵀ Q
+ * with s = 1/√D. Queries attend to keys 0..i (causal, no mask, no dropout). Grouped-query heads share
+ * a key/value head: one thread takes a key/value head with all its query heads, so dK and dV sum there.
+ *
+ * Layouts: q, k, v, dO are [B, heads, T, D] with any strides but a unit stride along D; O, dQ, dK, dV
+ * are written as [B, T, heads, D] contiguous (what the output projection reads, and a free transpose
+ * on the Python side); lse is [B, H, T] contiguous.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define W 16 /* floats per vector */
+#define RF 8 /* query rows per register block: forward */
+#define RB 4 /* backward: its loops hold twice the accumulators (8 spilled registers, 1.6x slower) */
+#define DC 2 /* vectors of D per pass in the loops that run along D */
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+
+static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vf splat(float x) { return (vf){0} + x; }
+
+/* 2^x for x <= 0 (scores in base 2 minus their row maximum or log-sum-exp): x = n + f, |f| <= 1/2,
+ * 2^f by its Taylor series to f^6 (relative error < 2e-7), 2^n by the exponent bits; 0 below -126. */
+static inline vf vexp2(vf x) {
+    const vi live = x >= -126.0f;
+    x = (vf)((vi)(x < -126.0f) & (vi)splat(-126.0f)) + (vf)(live & (vi)x);
+    const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    vf n = (x + magic) - magic, f = x - n;
+    vf p = splat(1.5403530393381606e-4f);           /* ln2^6 / 6! ... ln2 / 1!, 1 */
+    p = p * f + 1.3333558146428443e-3f;
+    p = p * f + 9.618129107628477e-3f;
+    p = p * f + 5.550410866482158e-2f;
+    p = p * f + 0.2402265069591007f;
+    p = p * f + 0.6931471805599453f;
+    p = p * f + 1.0f;
+    vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    return (vf)((vi)(p * (vf)bits) & live);
+}
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+static inline float hmax(vf v) { return _mm512_reduce_max_ps((__m512)v); }
+static inline float hsum(vf v) { return _mm512_reduce_add_ps((__m512)v); }
+#else
+static inline float hmax(vf v) { float m = v[0]; for (int j = 1; j < W; j++) m = v[j] > m ? v[j] : m; return m; }
+static inline float hsum(vf v) { float s = 0; for (int j = 0; j < W; j++) s += v[j]; return s; }
+#endif
+
+/* lanes c0 + j <= last are kept: an all-ones mask for them, zero past the causal limit */
+static inline vi upto(int64_t c0, int64_t last) {
+    vi iota; for (int j = 0; j < W; j++) iota[j] = j;
+    return iota <= (vi){0} + (int32_t)(last - c0);
+}
+
+static float *alloc(int64_t n) { return aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64); }
+
+/* Keys transposed in blocks of W: kt[c0 D + d W + j] = k[c0 + j, d] (zero past T). One vector holds W
+ * consecutive keys' d-th dims, and a block's D vectors are contiguous (a plain [D, T] transpose put
+ * them T floats apart, which at T = 1024 maps all D into one L1 set). */
+static void transpose(const float *k, int64_t skt, int64_t T, int64_t D, int64_t tp, float *kt) {
+    memset(kt, 0, sizeof(float) * D * tp);
+    for (int64_t c0 = 0; c0 < T; c0 += W)
+        for (int64_t j = 0; j < W && c0 + j < T; j++)
+            for (int64_t d = 0; d < D; d++) kt[c0 * D + d * W + j] = k[(c0 + j) * skt + d];
+}
+
+/* rows r < nr of O (stride so apart) = inv[r] * sum_c p[r, c] v[c], nd vectors of D (a constant once inlined) */
+static inline __attribute__((always_inline)) void pv(const float *p, int64_t tp, const float *v, int64_t svt,
+                                                      int64_t ncols, int64_t nr, const float *inv, float *o,
+                                                      int64_t so, const int nd) {
+    vf acc[RF][DC] = {{{0}}};
+    for (int64_t c = 0; c < ncols; c++) {
+        vf vv[DC];
+        for (int j = 0; j < nd; j++) vv[j] = load(v + c * svt + j * W);
+        for (int r = 0; r < RF; r++) {
+            const float pr = p[r * tp + c];
+            for (int j = 0; j < nd; j++) acc[r][j] += pr * vv[j];
+        }
+    }
+    for (int64_t r = 0; r < nr; r++)
+        for (int j = 0; j < nd; j++) store(o + r * so + j * W, acc[r][j] * inv[r]);
+}
+
+/* for one block of RB query rows: dQ rows (stride so apart) = sum_c dS[r, c] k[c]; and for every key c,
+ * dK[c] += sum_r dS[r, c] q[r], dV[c] += sum_r P[r, c] dO[r]; nd vectors of D */
+static inline __attribute__((always_inline)) void grads(const float *p, const float *ds, int64_t tp,
+                                                         const float *qs, const float *dos, int64_t D,
+                                                         const float *k, int64_t skt, float *gk, float *gv,
+                                                         int64_t ncols, int64_t nr, float *dq, int64_t so,
+                                                         const int nd) {
+    vf acc[RB][DC] = {{{0}}};
+    for (int64_t c = 0; c < ncols; c++) {
+        vf kv[DC], gkc[2][DC], gvc[2][DC];   /* two partial sums each: half the FMA chain's latency */
+        for (int j = 0; j < nd; j++) {
+            kv[j] = load(k + c * skt + j * W);
+            gkc[0][j] = load(gk + c * D + j * W);
+            gvc[0][j] = load(gv + c * D + j * W);
+            gkc[1][j] = gvc[1][j] = splat(0.0f);
+        }
+        for (int r = 0; r < RB; r++) {
+            const float dsr = ds[r * tp + c], pr = p[r * tp + c];
+            for (int j = 0; j < nd; j++) {
+                acc[r][j] += dsr * kv[j];                          /* dQ = dS K */
+                gkc[r & 1][j] += dsr * load(qs + r * D + j * W);   /* dK += dSᵀ Q */
+                gvc[r & 1][j] += pr * load(dos + r * D + j * W);   /* dV += Pᵀ dO */
+            }
+        }
+        for (int j = 0; j < nd; j++) {
+            store(gk + c * D + j * W, gkc[0][j] + gkc[1][j]);
+            store(gv + c * D + j * W, gvc[0][j] + gvc[1][j]);
+        }
+    }
+    for (int64_t r = 0; r < nr; r++)
+        for (int j = 0; j < nd; j++) store(dq + r * so + j * W, acc[r][j]);
+}
+
+typedef struct { int64_t b, h, t; } strides;
+
+void phitrain_attention_forward(const float *q, const float *k, const float *v, float *o, float *lse,
+                                int64_t B, int64_t H, int64_t HKV, int64_t T, int64_t D,
+                                strides sq, strides sk, strides sv) {
+    const int64_t tp = (T + 2 * W - 1) / (2 * W) * (2 * W), group = H / HKV;   /* keys padded to 2W */
+    const float scale = LOG2E / sqrtf((float)D);   /* scores in base 2: 2^(s log2 e) = e^s */
+#pragma omp parallel
+    {
+        float *kt = alloc(D * tp), *s = alloc(RF * tp), *qs = alloc(RF * D);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            const int64_t b = bh / H, h = bh % H, hk = h / group;
+            const float *qh = q + b * sq.b + h * sq.h;
+            const float *vh = v + b * sv.b + hk * sv.h;
+            transpose(k + b * sk.b + hk * sk.h, sk.t, T, D, tp, kt);
+            for (int64_t i0 = 0; i0 < T; i0 += RF) {
+                const int64_t nr = T - i0 < RF ? T - i0 : RF, ncols = i0 + nr;
+                for (int64_t r = 0; r < nr; r++)
+                    for (int64_t d = 0; d < D; d++) qs[r * D + d] = qh[(i0 + r) * sq.t + d] * scale;
+                if (nr < RF) memset(qs + nr * D, 0, sizeof(float) * (RF - nr) * D);
+                vf mx[RF];
+                for (int r = 0; r < RF; r++) mx[r] = splat(-INFINITY);
+                for (int64_t c0 = 0; c0 < ncols; c0 += 2 * W) {       /* scores: RF rows x 2W keys per pass */
+                    vf acc[RF][2] = {{{0}}};
+                    for (int64_t d = 0; d < D; d++) {
+                        vf k0 = load(kt + c0 * D + d * W), k1 = load(kt + (c0 + W) * D + d * W);
+                        for (int r = 0; r < RF; r++) { acc[r][0] += qs[r * D + d] * k0; acc[r][1] += qs[r * D + d] * k1; }
+                    }
+                    for (int r = 0; r < RF; r++)
+                        for (int j = 0; j < 2; j++) {
+                            const int64_t cj = c0 + j * W;
+                            if (cj + W - 1 > i0 + r) {                  /* keys past query i0 + r: -inf */
+                                vi keep = upto(cj, i0 + r);
+                                acc[r][j] = (vf)(((vi)acc[r][j] & keep) | (~keep & (vi)splat(-INFINITY)));
+                            }
+                            mx[r] = (vf)(((vi)(acc[r][j] > mx[r]) & (vi)acc[r][j]) | ((vi)(acc[r][j] <= mx[r]) & (vi)mx[r]));
+                            store(s + r * tp + cj, acc[r][j]);
+                        }
+                }
+                float inv[RF];
+                for (int64_t r = 0; r < nr; r++) {                     /* softmax of row i over keys 0..i */
+                    float *row = s + r * tp;
+                    const float m = hmax(mx[r]);
+                    vf l = {0};
+                    for (int64_t c0 = 0; c0 < ncols; c0 += W) {
+                        vf p = vexp2(load(row + c0) - m);
+                        store(row + c0, p);
+                        l += p;
+                    }
+                    const float sum = hsum(l);
+                    inv[r] = 1.0f / sum;
+                    lse[(b * H + h) * T + i0 + r] = (m + log2f(sum)) * LN2;
+                }
+                for (int64_t r = nr; r < RF; r++) { inv[r] = 0.0f; memset(s + r * tp, 0, sizeof(float) * tp); }
+                for (int64_t d0 = 0; d0 < D; d0 += DC * W) {           /* O = P V, DC vectors of D at a time */
+                    float *orow = o + ((b * T + i0) * H + h) * D + d0;
+                    if (D - d0 >= DC * W) pv(s, tp, vh + d0, sv.t, ncols, nr, inv, orow, H * D, DC);
+                    else pv(s, tp, vh + d0, sv.t, ncols, nr, inv, orow, H * D, 1);
+                }
+            }
+        }
+        free(kt); free(s); free(qs);
+    }
+}
+
+void phitrain_attention_backward(const float *q, const float *k, const float *v, const float *o,
+                                 const float *dout, const float *lse, float *dq, float *dk, float *dv,
+                                 int64_t B, int64_t H, int64_t HKV, int64_t T, int64_t D,
+                                 strides sq, strides sk, strides sv, strides sdo) {
+    const int64_t tp = (T + W - 1) / W * W, group = H / HKV;
+    const float scale = 1.0f / sqrtf((float)D), scale2 = LOG2E * scale;
+#pragma omp parallel
+    {
+        float *kt = alloc(D * tp), *vt = alloc(D * tp), *gk = alloc(tp * D), *gv = alloc(tp * D);
+        float *p = alloc(RB * tp), *ds = alloc(RB * tp), *qs = alloc(RB * D), *dos = alloc(RB * D);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t bk = 0; bk < B * HKV; bk++) {
+            const int64_t b = bk / HKV, hk = bk % HKV;
+            const float *kh = k + b * sk.b + hk * sk.h;
+            transpose(kh, sk.t, T, D, tp, kt);
+            transpose(v + b * sv.b + hk * sv.h, sv.t, T, D, tp, vt);
+            memset(gk, 0, sizeof(float) * tp * D);
+            memset(gv, 0, sizeof(float) * tp * D);
+            for (int64_t h = hk * group; h < (hk + 1) * group; h++) {
+                const float *qh = q + b * sq.b + h * sq.h, *doh = dout + b * sdo.b + h * sdo.h;
+                for (int64_t i0 = 0; i0 < T; i0 += RB) {
+                    const int64_t nr = T - i0 < RB ? T - i0 : RB, ncols = i0 + nr;
+                    float l[RB], delta[RB];   /* log-sum-exp in base 2; rowsum(dO ∘ O) */
+                    for (int64_t r = 0; r < RB; r++) {
+                        const int64_t i = i0 + r;
+                        float dd = 0.0f;
+                        if (r < nr)
+                            for (int64_t d = 0; d < D; d++) {
+                                qs[r * D + d] = qh[i * sq.t + d];
+                                dos[r * D + d] = doh[i * sdo.t + d];
+                                dd += dos[r * D + d] * o[((b * T + i) * H + h) * D + d];
+                            }
+                        else {
+                            memset(qs + r * D, 0, sizeof(float) * D);
+                            memset(dos + r * D, 0, sizeof(float) * D);
+                        }
+                        delta[r] = dd;
+                        l[r] = r < nr ? lse[(b * H + h) * T + i] * LOG2E : INFINITY;
+                    }
+                    for (int64_t c0 = 0; c0 < ncols; c0 += W) {       /* P and dS, RB rows x W keys per pass */
+                        vf sc[RB] = {{0}}, dp[RB] = {{0}};
+                        for (int64_t d = 0; d < D; d++) {
+                            vf kv = load(kt + c0 * D + d * W), vv = load(vt + c0 * D + d * W);
+                            for (int r = 0; r < RB; r++) { sc[r] += qs[r * D + d] * kv; dp[r] += dos[r * D + d] * vv; }
+                        }
+                        for (int r = 0; r < RB; r++) {
+                            vf pr = (vf)((vi)vexp2(sc[r] * scale2 - l[r]) & upto(c0, i0 + r));
+                            store(p + r * tp + c0, pr);
+                            store(ds + r * tp + c0, pr * (dp[r] - delta[r]) * scale);
+                        }
+                    }
+                    for (int64_t d0 = 0; d0 < D; d0 += DC * W) {       /* DC vectors of D at a time */
+                        float *dqrow = dq + ((b * T + i0) * H + h) * D + d0;
+                        const int nd = D - d0 >= DC * W ? DC : 1;
+                        if (nd == DC) grads(p, ds, tp, qs + d0, dos + d0, D, kh + d0, sk.t, gk + d0, gv + d0, ncols, nr, dqrow, H * D, DC);
+                        else grads(p, ds, tp, qs + d0, dos + d0, D, kh + d0, sk.t, gk + d0, gv + d0, ncols, nr, dqrow, H * D, 1);
+                    }
+                }
+            }
+            for (int64_t c = 0; c < T; c++) {
+                memcpy(dk + ((b * T + c) * HKV + hk) * D, gk + c * D, sizeof(float) * D);
+                memcpy(dv + ((b * T + c) * HKV + hk) * D, gv + c * D, sizeof(float) * D);
+            }
+        }
+        free(kt); free(vt); free(gk); free(gv); free(p); free(ds); free(qs); free(dos);
+    }
+}

@@ -1,0 +1,151 @@
+"""phitrain's CPU causal-attention kernel (`cpu_attention.c`), built on first use and exposed as a torch op.
+
+The C file is compiled once per source, compiler and CPU with `cc -O3 -march=native -fopenmp` into
+`kernels/` of phitrain's cache directory (`phitrain.compile_cache.cache_dir()`), written to a
+temporary name and renamed, so concurrent processes never load half a library. Its OpenMP threads are the ones torch already runs
+(torch's libgomp is loaded first and satisfies the library's dependency by its soname), so the kernel
+uses `torch.get_num_threads()` threads and adds no second pool. Without a C compiler, `AVAILABLE`
+is False and attention keeps PyTorch's kernels (inductor needs the same compiler for `compile`).
+
+`causal_attention(q, k, v)` is a `torch.library` custom op with its backward registered, so eager
+autograd and `torch.compile` (an opaque call in the graph) both use it; it takes fp32 [B, H, T, D]
+queries and [B, H_kv, T, D] keys/values with D a multiple of 16.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from phitrain.compile_cache import cache_dir
+
+SOURCE = Path(__file__).with_name("cpu_attention.c")
+# -ffp-contract=fast: in ISO C mode gcc would not fuse a * b + c into one FMA (2x the arithmetic ops)
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast"]
+HEAD_DIM_MULTIPLE = 16
+
+
+class _Strides(ctypes.Structure):
+    _fields_ = [("b", ctypes.c_int64), ("h", ctypes.c_int64), ("t", ctypes.c_int64)]
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+# Where the kernel can be built: a C compiler on PATH (or $CC).
+AVAILABLE: bool = _compiler() is not None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("phitrain's CPU attention kernel needs a C compiler (cc or $CC)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_flags()])
+                         .encode()).hexdigest()[:16]
+    cache = cache_dir() / "kernels"
+    path = cache / f"cpu_attention-{key}.so"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
+        os.close(fd)
+        try:
+            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"compiling {SOURCE} failed:\n{done.stderr}")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(path))
+    ptr, i64, st = ctypes.c_void_p, ctypes.c_int64, _Strides
+    lib.phitrain_attention_forward.argtypes = [ptr] * 5 + [i64] * 5 + [st] * 3
+    lib.phitrain_attention_backward.argtypes = [ptr] * 9 + [i64] * 5 + [st] * 4
+    lib.phitrain_attention_forward.restype = lib.phitrain_attention_backward.restype = None
+    return lib
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _strides(x: torch.Tensor) -> _Strides:
+    return _Strides(x.stride(0), x.stride(1), x.stride(2))
+
+
+@torch.library.custom_op("phitrain::causal_attention", mutates_args=(), device_types="cpu")
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(q kᵀ/√D, causal) v as [B, H, T, D] over [B, T, H, D] memory, log-sum-exp [B, H, T])."""
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, H, T, D = q.shape
+    out = q.new_empty(B, T, H, D)
+    lse = q.new_empty(B, H, T)
+    _library().phitrain_attention_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        B, H, k.shape[1], T, D, _strides(q), _strides(k), _strides(v))
+    return out.transpose(1, 2), lse
+
+
+@causal_attention.register_fake
+def _(q, k, v):
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T)
+
+
+@torch.library.custom_op("phitrain::causal_attention_backward", mutates_args=(), device_types="cpu")
+def causal_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              out: torch.Tensor, lse: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `causal_attention`'s output with respect to q, k, v (each [B, T, heads, D] memory)."""
+    grad_out, q, k, v = _unit_last(grad_out), _unit_last(q), _unit_last(k), _unit_last(v)
+    out = out.transpose(1, 2).contiguous()
+    B, H, T, D = q.shape
+    HKV = k.shape[1]
+    grad_q, grad_k, grad_v = q.new_empty(B, T, H, D), q.new_empty(B, T, HKV, D), q.new_empty(B, T, HKV, D)
+    _library().phitrain_attention_backward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad_out.data_ptr(), lse.contiguous().data_ptr(),
+        grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(),
+        B, H, HKV, T, D, _strides(q), _strides(k), _strides(v), _strides(grad_out))
+    return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v.transpose(1, 2)
+
+
+@causal_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse):
+    B, H, T, D = q.shape
+    kv = q.new_empty(B, T, k.shape[1], D).transpose(1, 2)
+    return q.new_empty(B, T, H, D).transpose(1, 2), kv, torch.empty_like(kv)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return causal_attention_backward(grad_out, q, k, v, out, lse)
+
+
+causal_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the kernel takes these queries and keys: same length, head size a multiple of 16."""
+    return q.shape[-2] == k.shape[-2] and q.shape[-1] % HEAD_DIM_MULTIPLE == 0 and q.shape[1] % k.shape[1] == 0
