@@ -79,6 +79,21 @@ def test_compiled_matches_eager():
         assert torch.equal(a, b)
 
 
+def test_same_bits_on_any_thread_count():
+    g = torch.Generator().manual_seed(2)
+    q, k, v, grad_out = (torch.randn(2, 3, 45, 32, generator=g) for _ in range(4))
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(_ours(q, k, v, grad_out))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_supports_only_what_it_computes():
     q = torch.zeros(1, 4, 8, 32)
     assert cpu_attention.supports(q, torch.zeros(1, 2, 8, 32))

@@ -137,10 +137,10 @@ typedef struct { int64_t b, h, t; } strides;
 
 void phitrain_attention_forward(const float *q, const float *k, const float *v, float *o, float *lse,
                                 int64_t B, int64_t H, int64_t HKV, int64_t T, int64_t D,
-                                strides sq, strides sk, strides sv) {
+                                strides sq, strides sk, strides sv, int threads) {
     const int64_t tp = (T + 2 * W - 1) / (2 * W) * (2 * W), group = H / HKV;   /* keys padded to 2W */
     const float scale = LOG2E / sqrtf((float)D);   /* scores in base 2: 2^(s log2 e) = e^s */
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
         float *kt = alloc(D * tp), *s = alloc(RF * tp), *qs = alloc(RF * D);
 #pragma omp for schedule(dynamic, 1)
@@ -202,10 +202,10 @@ void phitrain_attention_forward(const float *q, const float *k, const float *v, 
 void phitrain_attention_backward(const float *q, const float *k, const float *v, const float *o,
                                  const float *dout, const float *lse, float *dq, float *dk, float *dv,
                                  int64_t B, int64_t H, int64_t HKV, int64_t T, int64_t D,
-                                 strides sq, strides sk, strides sv, strides sdo) {
+                                 strides sq, strides sk, strides sv, strides sdo, int threads) {
     const int64_t tp = (T + W - 1) / W * W, group = H / HKV;
     const float scale = 1.0f / sqrtf((float)D), scale2 = LOG2E * scale;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
     {
         float *kt = alloc(D * tp), *vt = alloc(D * tp), *gk = alloc(tp * D), *gv = alloc(tp * D);
         float *p = alloc(RB * tp), *ds = alloc(RB * tp), *qs = alloc(RB * D), *dos = alloc(RB * D);

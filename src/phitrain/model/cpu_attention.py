@@ -4,8 +4,9 @@ The C file is compiled once per source, compiler and CPU with `cc -O3 -march=nat
 `kernels/` of phitrain's cache directory (`phitrain.compile_cache.cache_dir()`), written to a
 temporary name and renamed, so concurrent processes never load half a library. Its OpenMP threads are the ones torch already runs
 (torch's libgomp is loaded first and satisfies the library's dependency by its soname), so the kernel
-uses `torch.get_num_threads()` threads and adds no second pool. Without a C compiler, `AVAILABLE`
-is False and attention keeps PyTorch's kernels (inductor needs the same compiler for `compile`).
+adds no second pool; each call asks for `torch.get_num_threads()` threads. Each head is one thread's
+work in a fixed order, so results do not depend on the thread count. Without a C compiler,
+`AVAILABLE` is False and attention keeps PyTorch's kernels (inductor needs the same compiler to compile).
 
 `causal_attention(q, k, v)` is a `torch.library` custom op with its backward registered, so eager
 autograd and `torch.compile` (an opaque call in the graph) both use it; it takes fp32 [B, H, T, D]
@@ -77,8 +78,8 @@ def _library() -> ctypes.CDLL:
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(path))
     ptr, i64, st = ctypes.c_void_p, ctypes.c_int64, _Strides
-    lib.phitrain_attention_forward.argtypes = [ptr] * 5 + [i64] * 5 + [st] * 3
-    lib.phitrain_attention_backward.argtypes = [ptr] * 9 + [i64] * 5 + [st] * 4
+    lib.phitrain_attention_forward.argtypes = [ptr] * 5 + [i64] * 5 + [st] * 3 + [ctypes.c_int]
+    lib.phitrain_attention_backward.argtypes = [ptr] * 9 + [i64] * 5 + [st] * 4 + [ctypes.c_int]
     lib.phitrain_attention_forward.restype = lib.phitrain_attention_backward.restype = None
     return lib
 
@@ -100,7 +101,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple
     lse = q.new_empty(B, H, T)
     _library().phitrain_attention_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        B, H, k.shape[1], T, D, _strides(q), _strides(k), _strides(v))
+        B, H, k.shape[1], T, D, _strides(q), _strides(k), _strides(v), torch.get_num_threads())
     return out.transpose(1, 2), lse
 
 
@@ -123,7 +124,7 @@ def causal_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     _library().phitrain_attention_backward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad_out.data_ptr(), lse.contiguous().data_ptr(),
         grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(),
-        B, H, HKV, T, D, _strides(q), _strides(k), _strides(v), _strides(grad_out))
+        B, H, HKV, T, D, _strides(q), _strides(k), _strides(v), _strides(grad_out), torch.get_num_threads())
     return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v.transpose(1, 2)
 
 
