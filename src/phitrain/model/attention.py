@@ -10,9 +10,8 @@ backward is slower still. Two remedies, each where it measured faster:
   there the flash kernel's bf16 backward was slower than its fp32 one: 22 vs 14 ms per layer where bf16
   is emulated, AVX2; 29-30 vs 22.6 ms where it is native, Zen 4). On 2 Ice Lake cores (AVX-512,
   fp32), forward + backward per layer against fp32 flash, side by side (medians of 15): 8 x 8 heads x
-  256 tokens x 32 dims 14.5 vs 20.3 ms, 4 x 1024 80.7 vs 94.8 ms, 4 x 4 heads x 512 x 64 dims 20.2 vs
-  28.7 ms
-  (`benchmarks/model_speed.py` shows it in a whole training step).
+  256 tokens x 32 dims 13.3 vs 19.8 ms, 4 x 1024 61.6 vs 71.9 ms, 4 x 4 heads x 512 x 64 dims 16.7 vs
+  23.4 ms (`benchmarks/model_speed.py` shows it in a whole training step).
 - Compiled bf16 training (`compile: true`/`auto`) on a CPU with AMX, causal, no dropout, up to
   MATH_BACKWARD_MAX_LEN tokens: the flash forward, whose bf16 block matmuls run on the tile unit, and a
   backward written out as batched matmuls around elementwise work that inductor fuses
