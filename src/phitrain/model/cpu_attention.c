@@ -26,7 +26,7 @@
 
 #define W 16 /* floats per vector */
 #define RF 8 /* query rows per register block: forward */
-#define RB 4 /* backward: its loops hold twice the accumulators (8 spilled registers, 1.6x slower) */
+#define RB 4 /* backward: its loops hold twice the accumulators (8 spilled registers and measured slower) */
 #define DC 2 /* vectors of D per pass in the loops that run along D */
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
@@ -37,12 +37,14 @@ typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
 static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline vf splat(float x) { return (vf){0} + x; }
+/* a where the mask's lanes are all ones, b where they are zero */
+static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
 /* 2^x for x <= 0 (scores in base 2 minus their row maximum or log-sum-exp): x = n + f, |f| <= 1/2,
  * 2^f by its Taylor series to f^6 (relative error < 2e-7), 2^n by the exponent bits; 0 below -126. */
 static inline vf vexp2(vf x) {
     const vi live = x >= -126.0f;
-    x = (vf)((vi)(x < -126.0f) & (vi)splat(-126.0f)) + (vf)(live & (vi)x);
+    x = select(live, x, splat(-126.0f));
     const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
     vf n = (x + magic) - magic, f = x - n;
     vf p = splat(1.5403530393381606e-4f);           /* ln2^6 / 6! ... ln2 / 1!, 1 */
@@ -166,10 +168,9 @@ void phitrain_attention_forward(const float *q, const float *k, const float *v, 
                         for (int j = 0; j < 2; j++) {
                             const int64_t cj = c0 + j * W;
                             if (cj + W - 1 > i0 + r) {                  /* keys past query i0 + r: -inf */
-                                vi keep = upto(cj, i0 + r);
-                                acc[r][j] = (vf)(((vi)acc[r][j] & keep) | (~keep & (vi)splat(-INFINITY)));
+                                acc[r][j] = select(upto(cj, i0 + r), acc[r][j], splat(-INFINITY));
                             }
-                            mx[r] = (vf)(((vi)(acc[r][j] > mx[r]) & (vi)acc[r][j]) | ((vi)(acc[r][j] <= mx[r]) & (vi)mx[r]));
+                            mx[r] = select(acc[r][j] > mx[r], acc[r][j], mx[r]);
                             store(s + r * tp + cj, acc[r][j]);
                         }
                 }
@@ -252,8 +253,7 @@ void phitrain_attention_backward(const float *q, const float *k, const float *v,
                     }
                     for (int64_t d0 = 0; d0 < D; d0 += DC * W) {       /* DC vectors of D at a time */
                         float *dqrow = dq + ((b * T + i0) * H + h) * D + d0;
-                        const int nd = D - d0 >= DC * W ? DC : 1;
-                        if (nd == DC) grads(p, ds, tp, qs + d0, dos + d0, D, kh + d0, sk.t, gk + d0, gv + d0, ncols, nr, dqrow, H * D, DC);
+                        if (D - d0 >= DC * W) grads(p, ds, tp, qs + d0, dos + d0, D, kh + d0, sk.t, gk + d0, gv + d0, ncols, nr, dqrow, H * D, DC);
                         else grads(p, ds, tp, qs + d0, dos + d0, D, kh + d0, sk.t, gk + d0, gv + d0, ncols, nr, dqrow, H * D, 1);
                     }
                 }

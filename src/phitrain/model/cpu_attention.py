@@ -1,10 +1,10 @@
 """phitrain's CPU causal-attention kernel (`cpu_attention.c`), built on first use and exposed as a torch op.
 
 The C file is compiled once per source, compiler and CPU with `cc -O3 -march=native -fopenmp` into
-`kernels/` of phitrain's cache directory (`phitrain.compile_cache.cache_dir()`), written to a
-temporary name and renamed, so concurrent processes never load half a library. Its OpenMP threads are the ones torch already runs
-(torch's libgomp is loaded first and satisfies the library's dependency by its soname), so the kernel
-adds no second pool; each call asks for `torch.get_num_threads()` threads. Each head is one thread's
+`kernels/` of phitrain's cache directory (`phitrain.compile_cache.cache_dir()`), through
+`phitrain.files.atomic_path`, so concurrent processes never load half a library. Its OpenMP threads
+are the ones torch already runs (torch's libgomp is loaded first and satisfies the library's
+dependency by its soname), so the kernel adds no second pool; each call asks for `torch.get_num_threads()` threads. Each head is one thread's
 work in a fixed order, so results do not depend on the thread count. Without a C compiler,
 `AVAILABLE` is False and attention keeps PyTorch's kernels (inductor needs the same compiler to compile).
 
@@ -21,12 +21,12 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
 from phitrain.compile_cache import cache_dir
+from phitrain.files import atomic_path
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
 # -ffp-contract=fast: in ISO C mode gcc would not fuse a * b + c into one FMA (2x the arithmetic ops)
@@ -62,20 +62,12 @@ def _library() -> ctypes.CDLL:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_flags()])
                          .encode()).hexdigest()[:16]
-    cache = cache_dir() / "kernels"
-    path = cache / f"cpu_attention-{key}.so"
+    path = cache_dir() / "kernels" / f"cpu_attention-{key}.so"
     if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
-        os.close(fd)
-        try:
-            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        with atomic_path(path) as tmp:
+            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"compiling {SOURCE} failed:\n{done.stderr}")
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     lib = ctypes.CDLL(str(path))
     ptr, i64, st = ctypes.c_void_p, ctypes.c_int64, _Strides
     lib.phitrain_attention_forward.argtypes = [ptr] * 5 + [i64] * 5 + [st] * 3 + [ctypes.c_int]
