@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import random_phitrain_model, tiny_config
 
+from phitrain.model import cpu_bf16
 from phitrain.model.loss import linear_cross_entropy
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -54,7 +55,10 @@ def test_scales_with_the_incoming_gradient_and_leaves_ignored_rows_at_zero():
     assert fused[t == -100].abs().max() == 0
 
 
-def test_bf16_autocast_is_close_to_the_autocast_reference():
+@pytest.mark.parametrize("emulated", [False, True], ids=["bf16-gemm", "fp32-gemm-of-bf16"])
+def test_bf16_autocast_is_close_to_the_autocast_reference(emulated, monkeypatch):
+    """Through the CPU's bf16 GEMM and through fp32 GEMMs of bf16 values (as where bf16 is emulated)."""
+    monkeypatch.setattr(cpu_bf16, "CPU_HAS_NATIVE_BF16", not emulated)
     h, w, b, t = _inputs(n=64, hidden=64, vocab=300)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref_loss, ref_grads = _loss_and_grads(_reference, h, w, b, t)

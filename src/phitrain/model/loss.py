@@ -14,13 +14,16 @@ linear cross-entropy, Hsu et al. 2024, and Wijmans et al. 2024's "Cut your losse
 
 The numbers are those of `F.cross_entropy(F.linear(h, W, b).float(), targets, ignore_index=-100)`: the
 logits are computed in the autocast dtype (bf16/fp16) when autocast is on, as `lm_head` would be, the
-softmax in fp32, and the weight/bias gradients are accumulated across chunks in fp32.
+softmax in fp32, and the weight/bias gradients are accumulated across chunks in fp32. Where bf16 is
+emulated the bf16 GEMMs run as fp32 GEMMs of the bf16 values (`phitrain.model.cpu_bf16`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from phitrain.model.cpu_bf16 import gemm_dtype
 
 IGNORE_INDEX = -100
 
@@ -42,9 +45,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk: int):
         dtype = _compute_dtype(h)
+        gemm = gemm_dtype(dtype, h.device)   # fp32 GEMMs of bf16 values where bf16 is emulated
         with torch.autocast(h.device.type, enabled=False):
-            hc, wc = h.to(dtype), weight.to(dtype)
-            bc = bias.to(dtype) if bias is not None else None
+            hc, wc = h.to(dtype).to(gemm), weight.to(dtype).to(gemm)
+            bc = bias.to(dtype).to(gemm) if bias is not None else None
             valid = targets != IGNORE_INDEX
             n_valid = valid.sum().clamp(min=1)
             want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -56,7 +60,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, h.shape[0], chunk):
                 end = min(start + chunk, h.shape[0])
                 rows = hc[start:end]
-                logits = F.linear(rows, wc, bc).float()
+                logits = F.linear(rows, wc, bc).to(dtype).float()
                 t, ok = targets[start:end], valid[start:end]
                 safe_t = t.clamp(min=0)
                 lse = torch.logsumexp(logits, dim=-1)
@@ -68,9 +72,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = logits.sub_(lse[:, None]).exp_()
                 g.scatter_add_(1, safe_t[:, None], torch.full_like(lse[:, None], -1.0))
                 g.mul_((ok / n_valid)[:, None])
-                g = g.to(dtype)
-                grad_h[start:end] = g @ wc
-                grad_w.add_((g.t() @ rows).float())
+                g = g.to(dtype).to(gemm)
+                grad_h[start:end] = (g @ wc).to(dtype)
+                grad_w.add_((g.t() @ rows).to(dtype).float())
                 if grad_b is not None:
                     grad_b.add_(g.float().sum(0))
             loss = loss / n_valid

@@ -24,6 +24,7 @@ from torch import nn
 
 from phitrain.config import ModelConfig
 from phitrain.model.attention import attention
+from phitrain.model.cpu_bf16 import Linear
 from phitrain.model.loss import linear_cross_entropy
 
 
@@ -96,8 +97,8 @@ class Attention(nn.Module):
         bias = cfg.block == "parallel"
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.attn_pdrop = cfg.attn_pdrop
-        self.qkv = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=bias)
-        self.out_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias)
+        self.qkv = Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=bias)
+        self.out_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias)
         if cfg.qk_layernorm:
             self.q_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
             self.k_norm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
@@ -149,8 +150,8 @@ class GeluMLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -161,8 +162,8 @@ class SwiGLUMLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -228,7 +229,7 @@ class SequentialBlock(nn.Module):
 
 # ---- the output head ----------------------------------------------------------------------------
 
-class LMHead(nn.Linear):
+class LMHead(Linear):
     """The vocabulary projection. Given targets it returns the mean next-token loss instead of logits,
     computed chunk by chunk without materialising the logits (`phitrain.model.loss`): for a small model
     the [tokens, vocab] fp32 logits and their softmax are the step's largest tensors.

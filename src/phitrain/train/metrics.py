@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from phitrain.files import atomic_write_text
+from phitrain.model.cpu_bf16 import CPU_HAS_NATIVE_BF16
 
 # Dense (non-sparse) peak TFLOP/s by GPU name and precision, from NVIDIA datasheets. Matched as whole
 # words, the more specific names first: "H100 PCIe" is not the SXM part, "L40S" is not an "L4".
@@ -40,15 +41,6 @@ def datasheet_tflops(device_name: str, precision: str) -> float | None:
     return None
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 matmuls about 4x faster than fp32 instead of emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 @functools.lru_cache(maxsize=None)
 def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, repeats: int = 8,
                           n: int | None = None) -> float:
@@ -57,7 +49,7 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, repeats: int
     peak."""
     # CPUs without native fp16 (all) or bf16 (no AVX512-BF16/AMX) emulate it, orders of magnitude slower
     # (a 2048² bf16 matmul took 97 s on one AMD EPYC core): a small matrix keeps this short
-    emulated = dtype == torch.float16 or (dtype == torch.bfloat16 and not cpu_has_native_bf16())
+    emulated = dtype == torch.float16 or (dtype == torch.bfloat16 and not CPU_HAS_NATIVE_BF16)
     n = n or (512 if device.type == "cpu" and emulated else 2048)
     # a private generator: the global RNG stream drives dropout and must not move (exact resume)
     g = torch.Generator(device=device).manual_seed(0)

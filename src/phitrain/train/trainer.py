@@ -31,11 +31,12 @@ from phitrain.config import ModelConfig, StageConfig
 from phitrain.errors import PhitrainError
 from phitrain.files import atomic_write_text
 from phitrain.model.attention import CPU_HAS_AMX
+from phitrain.model.cpu_bf16 import CPU_HAS_NATIVE_BF16
 from phitrain.model.phi import PhiModel
 from phitrain.model.presets import get_preset
 from phitrain.progress import Progress
 from phitrain.train import parallel
-from phitrain.train.metrics import MetricsLogger, cpu_has_native_bf16, peak_tflops, plot_metrics, read_metrics
+from phitrain.train.metrics import MetricsLogger, peak_tflops, plot_metrics, read_metrics
 from phitrain.train.optim import build_scheduler
 
 FINAL_DIR = "final"
@@ -89,7 +90,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "bf16" if CPU_HAS_NATIVE_BF16 else "fp32"
 
 
 def model_config(stage: StageConfig, tokenizer, init_dir: Path | None) -> ModelConfig:
