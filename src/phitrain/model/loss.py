@@ -54,27 +54,38 @@ class _LinearCrossEntropy(torch.autograd.Function):
             want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(h) if want_grad else None
+            grad_h_dtype = h.dtype
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_grad else None
             grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=h.device)
                       if want_grad and bias is not None else None)
+            # all fp32: the GEMMs can write and accumulate in place, nothing is rounded in between
+            in_place = dtype == gemm == grad_h_dtype == torch.float32
             for start in range(0, h.shape[0], chunk):
                 end = min(start + chunk, h.shape[0])
                 rows = hc[start:end]
                 logits = F.linear(rows, wc, bc).to(dtype).float()
                 t, ok = targets[start:end], valid[start:end]
                 safe_t = t.clamp(min=0)
-                lse = torch.logsumexp(logits, dim=-1)
                 picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+                # softmax with one exp per logit, in place: e = exp(x - max), log-sum-exp = max + log(sum e)
+                top = logits.amax(-1, keepdim=True)
+                e = logits.sub_(top).exp_()
+                total = e.sum(-1, keepdim=True)
+                lse = (top + total.log()).squeeze(1)
                 loss += torch.where(ok, lse - picked, 0.0).sum()
                 if not want_grad:
                     continue
                 # d loss / d logits = (softmax - onehot) / n_valid on counted rows, 0 on ignored ones
-                g = logits.sub_(lse[:, None]).exp_()
-                g.scatter_add_(1, safe_t[:, None], torch.full_like(lse[:, None], -1.0))
-                g.mul_((ok / n_valid)[:, None])
+                row_scale = (ok / n_valid)[:, None]
+                g = e.mul_(row_scale / total)
+                g.scatter_add_(1, safe_t[:, None], -row_scale)
                 g = g.to(dtype).to(gemm)
-                grad_h[start:end] = (g @ wc).to(dtype)
-                grad_w.add_((g.t() @ rows).to(dtype).float())
+                if in_place:
+                    torch.mm(g, wc, out=grad_h[start:end])
+                    grad_w.addmm_(g.t(), rows)
+                else:
+                    grad_h[start:end] = (g @ wc).to(dtype)
+                    grad_w.add_((g.t() @ rows).to(dtype).float())
                 if grad_b is not None:
                     grad_b.add_(g.float().sum(0))
             loss = loss / n_valid
