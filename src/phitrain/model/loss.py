@@ -54,12 +54,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(h) if want_grad else None
-            grad_h_dtype = h.dtype
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_grad else None
             grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=h.device)
                       if want_grad and bias is not None else None)
             # all fp32: the GEMMs can write and accumulate in place, nothing is rounded in between
-            in_place = dtype == gemm == grad_h_dtype == torch.float32
+            in_place = dtype == gemm == h.dtype == torch.float32
             for start in range(0, h.shape[0], chunk):
                 end = min(start + chunk, h.shape[0])
                 rows = hc[start:end]
