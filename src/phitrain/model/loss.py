@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from phitrain.model.cpu_bf16 import gemm_dtype
+from phitrain.model.cpu_bf16 import compute_dtype, gemm_dtype
 
 IGNORE_INDEX = -100
 
@@ -34,21 +34,18 @@ def _chunk_rows(vocab_size: int) -> int:
     return max(64, (1 << 20) // vocab_size)
 
 
-def _compute_dtype(h: torch.Tensor) -> torch.dtype:
-    device_type = h.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return h.dtype
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk: int):
-        dtype = _compute_dtype(h)
+        dtype = compute_dtype(h)
         gemm = gemm_dtype(dtype, h.device)   # fp32 GEMMs of bf16 values where bf16 is emulated
+
+        def cast(t: torch.Tensor) -> torch.Tensor:   # values of `dtype`, held in the GEMMs' dtype
+            return t.to(dtype).to(gemm)
+
         with torch.autocast(h.device.type, enabled=False):
-            hc, wc = h.to(dtype).to(gemm), weight.to(dtype).to(gemm)
-            bc = bias.to(dtype).to(gemm) if bias is not None else None
+            hc, wc = cast(h), cast(weight)
+            bc = cast(bias) if bias is not None else None
             valid = targets != IGNORE_INDEX
             n_valid = valid.sum().clamp(min=1)
             want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -58,11 +55,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_b = (torch.zeros(bias.shape, dtype=torch.float32, device=h.device)
                       if want_grad and bias is not None else None)
             # all fp32: the GEMMs can write and accumulate in place, nothing is rounded in between
-            in_place = dtype == gemm == h.dtype == torch.float32
+            in_place = dtype == h.dtype == torch.float32
             for start in range(0, h.shape[0], chunk):
                 end = min(start + chunk, h.shape[0])
                 rows = hc[start:end]
-                logits = F.linear(rows, wc, bc).to(dtype).float()
+                logits = cast(F.linear(rows, wc, bc)).float()
                 t, ok = targets[start:end], valid[start:end]
                 safe_t = t.clamp(min=0)
                 picked = logits.gather(1, safe_t[:, None]).squeeze(1)
@@ -78,13 +75,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 row_scale = (ok / n_valid)[:, None]
                 g = e.mul_(row_scale / total)
                 g.scatter_add_(1, safe_t[:, None], -row_scale)
-                g = g.to(dtype).to(gemm)
+                g = cast(g)
                 if in_place:
                     torch.mm(g, wc, out=grad_h[start:end])
                     grad_w.addmm_(g.t(), rows)
                 else:
-                    grad_h[start:end] = (g @ wc).to(dtype)
-                    grad_w.add_((g.t() @ rows).to(dtype).float())
+                    grad_h[start:end] = cast(g @ wc)
+                    grad_w.add_(cast(g.t() @ rows).float())
                 if grad_b is not None:
                     grad_b.add_(g.float().sum(0))
             loss = loss / n_valid

@@ -41,6 +41,7 @@ from torch import nn
 from phitrain.checkpoint import MODEL_FILE
 from phitrain.config import ParallelConfig, StageConfig
 from phitrain.errors import PhitrainError
+from phitrain.model.cpu_bf16 import gemm_dtype
 
 DCP_DIR = "dcp"              # FSDP2's sharded model + optimizer state inside a checkpoint directory
 DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own checkpoint inside a checkpoint directory
@@ -536,6 +537,12 @@ def compile_blocks(model: nn.Module) -> None:
     """`torch.compile` each block in place (parameter names unchanged), torchtitan's granularity: the
     blocks are identical, so dynamo compiles one graph that all of them reuse, and FSDP2's per-block
     units keep their hooks outside the compiled code. Inductor fuses the elementwise work between the
-    matmuls (LayerNorm, bias + GELU, rotary, residual adds, autocast casts) in both directions."""
+    matmuls (LayerNorm, bias + GELU, rotary, residual adds, autocast casts) in both directions.
+
+    Where the CPU emulates bf16 (`phitrain.model.cpu_bf16`: fp32 GEMMs of bf16 values) inductor keeps
+    the rounding of every cast (`emulate_precision_casts`), which it would otherwise fold away when it
+    fuses a cast to bf16 and back, leaving the GEMMs fp32 inputs."""
+    device = next(model.parameters()).device
+    emulated = gemm_dtype(torch.bfloat16, device) != torch.bfloat16
     for block in model.blocks:
-        block.compile()
+        block.compile(options={"emulate_precision_casts": True} if emulated else None)
