@@ -101,7 +101,7 @@ def bench_model(stage: StageConfig, args) -> dict:
     torch.manual_seed(0)
     with device:
         model = PhiModel(cfg)   # fp32 weights, initialised on the GPU
-    parallel.apply_block_options(model, stage)
+    parallel.apply_block_options(model, stage, device)
     engine = parallel.make_engine(stage, ParallelConfig(), parallel.Dist(), stage.precision, device)
     engine.setup(model)
     assert engine.optimizer.defaults["fused"], "build_optimizer did not give the fused AdamW on CUDA"

@@ -161,7 +161,7 @@ def train_step_fn(framework: str, model, compiled: bool, batch, precision: str, 
     if framework == "phitrain":
         opt = build_optimizer(model, OptimConfig(lr=1e-4, weight_decay=0.1))
         if compiled:
-            compile_blocks(model)
+            compile_blocks(model, torch.device(device))
         forward = lambda: model(x, y)                                            # noqa: E731
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)

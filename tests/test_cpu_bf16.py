@@ -117,3 +117,20 @@ def test_emulated_model_training_step_matches_the_native_path(monkeypatch):
     torch.testing.assert_close(loss_e, loss_n, rtol=1e-2, atol=1e-2)
     for got, want in zip(grads_e, grads_n):
         assert (got - want).norm() <= 3e-2 * want.norm() + 1e-6
+
+
+def test_compiled_blocks_keep_the_casts_rounding_where_bf16_is_emulated(emulated, monkeypatch):
+    """`compile_blocks` (`compile: true`/`auto`) asks inductor to keep every cast's rounding for a CPU run
+    where bf16 is emulated, decided from the training device (the model may still be on meta)."""
+    from phitrain.model.phi import PhiModel
+    from phitrain.train import parallel
+
+    options = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: options.append(kwargs.get("options")))
+    with torch.device("meta"):
+        model = PhiModel(tiny_config("parallel-hd64"))
+    parallel.compile_blocks(model, torch.device("cpu"))
+    assert options == [{"emulate_precision_casts": True}] * len(model.blocks)
+    options.clear()
+    parallel.compile_blocks(model, torch.device("cuda"))
+    assert options == [None] * len(model.blocks)

@@ -220,7 +220,7 @@ def test_compiled_blocks_match_eager(preset):
     gives the eager model's loss and gradients in fp32."""
     eager = tiny_model(preset)
     compiled = copy.deepcopy(eager)
-    parallel.apply_block_options(compiled, stage_config(compile=True))
+    parallel.apply_block_options(compiled, stage_config(compile=True), DEVICE)
     batch = fixed_batch(eager.config)
     want_loss, want = loss_and_grads(eager, batch)
     got_loss, got = loss_and_grads(compiled, batch)

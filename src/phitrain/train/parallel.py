@@ -523,17 +523,18 @@ def return_freed_memory_to_os(report: bool) -> bool:
     return ok
 
 
-def apply_block_options(model: nn.Module, stage: StageConfig) -> None:
+def apply_block_options(model: nn.Module, stage: StageConfig, device: torch.device) -> None:
     """Activation checkpointing and (`compile: true`) `torch.compile`, per block, before any sharding or
-    wrapping. (`compile: auto` decides later, from the first steps' times: `train.trainer`.)"""
+    wrapping (the model may still be on the meta device; `device` is where it will train). (`compile:
+    auto` decides later, from the first steps' times: `train.trainer`.)"""
     if stage.activation_checkpointing:
         for block in model.blocks:
             _checkpoint_activations(block)
     if stage.compile is True:
-        compile_blocks(model)
+        compile_blocks(model, device)
 
 
-def compile_blocks(model: nn.Module) -> None:
+def compile_blocks(model: nn.Module, device: torch.device) -> None:
     """`torch.compile` each block in place (parameter names unchanged), torchtitan's granularity: the
     blocks are identical, so dynamo compiles one graph that all of them reuse, and FSDP2's per-block
     units keep their hooks outside the compiled code. Inductor fuses the elementwise work between the
@@ -542,7 +543,6 @@ def compile_blocks(model: nn.Module) -> None:
     Where the CPU emulates bf16 (`phitrain.model.cpu_bf16`: fp32 GEMMs of bf16 values) inductor keeps
     the rounding of every cast (`emulate_precision_casts`), which it would otherwise fold away when it
     fuses a cast to bf16 and back, leaving the GEMMs fp32 inputs."""
-    device = next(model.parameters()).device
-    emulated = gemm_dtype(torch.bfloat16, device) != torch.bfloat16
+    emulated = gemm_dtype(torch.bfloat16, torch.device(device)) != torch.bfloat16
     for block in model.blocks:
         block.compile(options={"emulate_precision_casts": True} if emulated else None)

@@ -254,7 +254,7 @@ class Trainer:
         with torch.device("meta"):
             model = PhiModel(self.model_cfg)
         self.engine = parallel.make_engine(stage, parallel_cfg, dist, self.precision, device)
-        parallel.apply_block_options(model, stage)
+        parallel.apply_block_options(model, stage, device)
         self.engine.shard(model)                  # FSDP2: each rank keeps only its shards from here on
         on_meta = all(p.is_meta for p in model.parameters())
         parallel.materialize(model, device)
@@ -314,7 +314,7 @@ class Trainer:
 
     def _compile_blocks(self, model) -> None:
         compile_cache.keep_inductor_cache()
-        parallel.compile_blocks(model)
+        parallel.compile_blocks(model, self.device)
         self.compiled = True
 
     def _auto_compile(self, record: dict) -> None:
