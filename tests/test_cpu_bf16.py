@@ -134,3 +134,12 @@ def test_compiled_blocks_keep_the_casts_rounding_where_bf16_is_emulated(emulated
     options.clear()
     parallel.compile_blocks(model, torch.device("cuda"))
     assert options == [None] * len(model.blocks)
+
+
+def test_the_mfu_peak_of_emulated_bf16_is_the_fp32_matmul_rate(emulated):
+    """Where bf16 GEMMs run in fp32, a bf16 run's MFU is measured against the fp32 matmul it runs."""
+    from phitrain.train.metrics import measure_matmul_tflops, peak_tflops
+
+    peak, source = peak_tflops(torch.device("cpu"), "bf16", None)
+    assert peak == measure_matmul_tflops(torch.device("cpu"), torch.float32)
+    assert "fp32 matmul" in source and "bf16 GEMMs run in fp32" in source

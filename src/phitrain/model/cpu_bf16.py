@@ -92,8 +92,8 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(x)
         # without autocast only a bf16 input with bf16 weights (nn.Linear refuses mixed dtypes)
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if gemm_dtype(dtype, x.device) != dtype and (autocast or self.weight.dtype == dtype):
+        if gemm_dtype(dtype, x.device) != dtype and (self.weight.dtype == dtype
+                                                     or torch.is_autocast_enabled(x.device.type)):
             bias = None if self.bias is None else self.bias.to(dtype)
             return _Bf16LinearInFp32.apply(x.to(dtype), self.weight.to(dtype), bias)
         return super().forward(x)

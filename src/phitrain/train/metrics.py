@@ -2,8 +2,8 @@
 
 MFU (model FLOPs utilisation, PaLM appendix B) = achieved model FLOPs/s ÷ the device's peak. The peak is
 the `peak_tflops` the user states, else a datasheet value for known GPUs, else — on CPUs, which have no
-datasheet number — a measurement of this machine's dense matmul throughput in the training precision,
-so "MFU" there reads as "fraction of the matmul speed this CPU actually reaches".
+datasheet number — a measurement of this machine's dense matmul throughput in the dtype the training
+precision's GEMMs run in (fp32 for bf16 where the CPU emulates bf16: `phitrain.model.cpu_bf16`), so "MFU" there reads as "fraction of the matmul speed this CPU actually reaches".
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from phitrain.files import atomic_write_text
-from phitrain.model.cpu_bf16 import CPU_HAS_NATIVE_BF16
+from phitrain.model.cpu_bf16 import CPU_HAS_NATIVE_BF16, gemm_dtype
 
 # Dense (non-sparse) peak TFLOP/s by GPU name and precision, from NVIDIA datasheets. Matched as whole
 # words, the more specific names first: "H100 PCIe" is not the SXM part, "L40S" is not an "L4".
@@ -75,7 +75,12 @@ def peak_tflops(device: torch.device, precision: str, stated: float | None) -> t
         if (tflops := datasheet_tflops(name, precision)) is not None:
             return tflops, f"{name} datasheet"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    return measure_matmul_tflops(device, dtype), f"best measured {precision} matmul on {device.type}"
+    # the rate of the GEMMs the model runs: where a CPU emulates bf16 they are fp32 (`model.cpu_bf16`)
+    gemm = gemm_dtype(dtype, device)
+    source = f"best measured {precision} matmul on {device.type}"
+    if gemm != dtype:
+        source = f"best measured fp32 matmul on {device.type} ({precision} GEMMs run in fp32 there)"
+    return measure_matmul_tflops(device, gemm), source
 
 
 class MetricsLogger:
