@@ -56,10 +56,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
                       if want_grad and bias is not None else None)
             # all fp32: the GEMMs can write and accumulate in place, nothing is rounded in between
             in_place = dtype == h.dtype == torch.float32
+            # one fp32 logits buffer serves every chunk: a new 4 MB tensor per chunk took fresh pages from
+            # the OS each time (its bias copy measured 0.8 ms a chunk, 0.17 ms into the reused buffer)
+            buffer = torch.empty(min(chunk, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device)
             for start in range(0, h.shape[0], chunk):
                 end = min(start + chunk, h.shape[0])
                 rows = hc[start:end]
-                logits = cast(F.linear(rows, wc, bc)).float()
+                logits = buffer[:end - start]
+                if gemm == torch.float32:
+                    if bc is None:
+                        torch.mm(rows, wc.t(), out=logits)
+                    else:
+                        torch.addmm(bc, rows, wc.t(), out=logits)
+                    if dtype != torch.float32:   # the GEMM's output rounded to `dtype`, as lm_head's would be
+                        logits.copy_(logits.to(dtype))
+                else:
+                    logits.copy_(F.linear(rows, wc, bc))
                 t, ok = targets[start:end], valid[start:end]
                 safe_t = t.clamp(min=0)
                 picked = logits.gather(1, safe_t[:, None]).squeeze(1)

@@ -145,6 +145,27 @@ def _decode_attention(q, k, v, mask) -> torch.Tensor:
 
 # ---- MLPs and norms ------------------------------------------------------------------------------
 
+# 2·√(2/π): gelu_new's tanh argument, doubled for the sigmoid form below
+_GELU_SIGMOID_SCALE = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """½x(1 + tanh(√(2/π)(x + 0.044715x³))), the tanh-approximated GELU ("gelu_new", Hendrycks & Gimpel
+    2016) of CodeGen and phi-1.
+
+    Compiled, it is computed as x·σ(2u), the same function (1 + tanh u = 2σ(2u)), because inductor's
+    vectorized tanh costs about three times its exp: on phi-1-tiny's [2048, 1024] fc1 output on 2 Ice
+    Lake cores, forward 0.72 vs 2.39 ms and forward + backward 3.3 vs 6.8 ms, ~6% of an fp32 training
+    step. Its error against an fp64 reference is at most 5.2e-7 absolute (tanh form: 4.3e-7) and 2.2e-6
+    relative where the tanh form's cancellation at negative x reaches 7%. Eager, one ATen kernel beats
+    the sigmoid form's five, so eager keeps `F.gelu`.
+    """
+    if torch.compiler.is_compiling():   # in fp32, rounded once at the end, as ATen's gelu does for bf16
+        xf = x.float()
+        return (xf * torch.sigmoid(_GELU_SIGMOID_SCALE * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
+    return F.gelu(x, approximate="tanh")
+
+
 class GeluMLP(nn.Module):
     """fc1 → gelu (tanh approximation, "gelu_new") → fc2, with biases: the CodeGen/phi-1 MLP."""
 
@@ -154,7 +175,7 @@ class GeluMLP(nn.Module):
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class SwiGLUMLP(nn.Module):
