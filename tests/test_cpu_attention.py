@@ -1,6 +1,8 @@
 """phitrain's CPU causal-attention kernel (model/cpu_attention.c): forward, log-sum-exp and gradients
 against a float64 reference, over the shapes it takes (ragged lengths, grouped-query heads, head
-sizes 16-80, strided inputs as the model passes them); eager and compiled; and the build cache."""
+sizes 16-80, strided inputs as the model passes them), in fp32 and in bf16 (AVX512-BF16's dot
+products where the CPU has them, else fp32 arithmetic rounded back: both as accurate as PyTorch's bf16
+flash kernel); eager and compiled; and the build cache."""
 
 from __future__ import annotations
 
@@ -13,6 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from phitrain.model import cpu_attention
+
+SHAPES = [
+    (2, 3, 3, 37, 32),    # ragged row blocks and key vectors
+    (1, 4, 2, 70, 16),    # grouped-query heads, two per key/value head
+    (2, 2, 2, 256, 64),   # phi-1's head size
+    (1, 2, 1, 33, 80),    # phi-2's head size: two vectors, then one
+    (1, 1, 1, 1, 32),     # one token
+]
 
 
 def _reference(q, k, v, grad_out):
@@ -29,6 +39,13 @@ def _ours(q, k, v, grad_out):
     return (out, lse, *torch.autograd.grad(out, (q, k, v), grad_out))
 
 
+def _flash(q, k, v, grad_out):
+    """PyTorch's CPU flash kernel (the one a bf16 run would use otherwise); no log-sum-exp."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    return (out, None, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
 def _assert_close(ours, reference):
     for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], ours, reference):
         assert a.shape == b.shape and a.dtype == torch.float32, name
@@ -36,19 +53,60 @@ def _assert_close(ours, reference):
         assert (a.double() - b).abs().max().item() < 2e-5 * scale, name
 
 
-@pytest.mark.parametrize("B,H,H_kv,T,D", [
-    (2, 3, 3, 37, 32),    # ragged row blocks and key vectors
-    (1, 4, 2, 70, 16),    # grouped-query heads, two per key/value head
-    (2, 2, 2, 256, 64),   # phi-1's head size
-    (1, 2, 1, 33, 80),    # phi-2's head size: two vectors, then one
-    (1, 1, 1, 1, 32),     # one token
-])
-def test_matches_float64_reference(B, H, H_kv, T, D):
+def _relative_error(a, b) -> float:
+    return ((a.double() - b).norm() / b.norm().clamp(min=1e-12)).item()
+
+
+def _inputs(B, H, H_kv, T, D, dtype=torch.float32):
     g = torch.Generator().manual_seed(T)
     q = torch.randn(B, H, T, D, generator=g) * 2
     k, v = (torch.randn(B, H_kv, T, D, generator=g) * 2 for _ in range(2))
     grad_out = torch.randn(B, H, T, D, generator=g)
+    return tuple(t.to(dtype) for t in (q, k, v, grad_out))
+
+
+@pytest.mark.parametrize("B,H,H_kv,T,D", SHAPES)
+def test_matches_float64_reference(B, H, H_kv, T, D):
+    q, k, v, grad_out = _inputs(B, H, H_kv, T, D)
     _assert_close(_ours(q, k, v, grad_out), _reference(q, k, v, grad_out))
+
+
+@pytest.mark.parametrize("B,H,H_kv,T,D", SHAPES)
+def test_bf16_is_as_accurate_as_the_flash_kernel(B, H, H_kv, T, D):
+    """bf16 in, bf16 out (fp32 log-sum-exp): against float64 arithmetic on the same bf16 values, each
+    result's error is at most the bf16 flash kernel's (+20%, and under 2^-7: bf16 keeps 8 bits)."""
+    q, k, v, grad_out = _inputs(B, H, H_kv, T, D, torch.bfloat16)
+    reference = _reference(q, k, v, grad_out)
+    ours, flash = _ours(q, k, v, grad_out), _flash(q, k, v, grad_out)
+    assert ours[1].dtype == torch.float32
+    assert (ours[1].double() - reference[1]).abs().max().item() < 2e-5 * max(reference[1].abs().max().item(), 1.0)
+    for name, a, f, b in zip(["out", "dq", "dk", "dv"], ours[:1] + ours[2:], flash[:1] + flash[2:],
+                             reference[:1] + reference[2:]):
+        assert a.shape == b.shape and a.dtype == torch.bfloat16, name
+        if b.abs().max() < 1e-6:   # one token: no gradient reaches q and k
+            assert a.abs().max() == 0, name
+            continue
+        error = _relative_error(a, b)
+        assert error <= 1.2 * _relative_error(f, b) and error < 2 ** -7, (name, error)
+
+
+def test_bf16_uses_the_dot_product_path_where_the_cpu_has_it():
+    """-march=native builds AVX512-BF16's path wherever the CPU reports it; elsewhere bf16 is computed
+    in fp32 and rounded back, exactly the fp32 kernel's results."""
+    assert cpu_attention.has_bf16_kernel() == torch.cpu._is_avx512_bf16_supported()
+
+
+def test_bf16_without_dot_products_is_the_fp32_kernel_rounded(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "has_bf16_kernel", lambda: False)
+    q, k, v, grad_out = _inputs(1, 4, 2, 45, 32, torch.bfloat16)
+    out, lse, *grads = _ours(q, k, v, grad_out)
+    out32, lse32 = cpu_attention.causal_attention(q.float(), k.float(), v.float())
+    assert torch.equal(out, out32.bfloat16()) and torch.equal(lse, lse32)
+    # the backward sees the output autograd saved: the bf16 one, as the flash kernel's does
+    grads32 = cpu_attention.causal_attention_backward(grad_out.float(), q.float(), k.float(), v.float(),
+                                                      out.float(), lse)
+    for a, b in zip(grads, grads32):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b.bfloat16())
 
 
 def test_takes_the_models_strided_views():
@@ -64,9 +122,21 @@ def test_takes_the_models_strided_views():
     assert out.transpose(1, 2).is_contiguous()   # [B, T, H, D] memory: the projection reads it as is
 
 
-def test_compiled_matches_eager():
+def test_bf16_rows_off_word_boundaries_are_copied():
+    """bf16 keys are read as 32-bit words of two dims: a view whose rows start mid-word is copied first."""
+    B, H, T, D = 1, 2, 30, 32
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3, B, H, T, D + 1, generator=g).bfloat16()
+    q, k, v = (base[i, ..., 1:] for i in range(3))   # row stride D + 1: odd
+    grad_out = torch.randn(B, H, T, D, generator=g).bfloat16()
+    for a, b in zip(_ours(q, k, v, grad_out), _ours(q.contiguous(), k.contiguous(), v.contiguous(), grad_out)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_matches_eager(dtype):
     g = torch.Generator().manual_seed(1)
-    q, k, v, grad_out = (torch.randn(2, 4, 40, 32, generator=g) for _ in range(4))
+    q, k, v, grad_out = (torch.randn(2, 4, 40, 32, generator=g).to(dtype) for _ in range(4))
 
     def attend(q, k, v):
         return cpu_attention.causal_attention(q * 1.0, k, v)[0] * 2.0
@@ -79,9 +149,10 @@ def test_compiled_matches_eager():
         assert torch.equal(a, b)
 
 
-def test_same_bits_on_any_thread_count():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_bits_on_any_thread_count(dtype):
     g = torch.Generator().manual_seed(2)
-    q, k, v, grad_out = (torch.randn(2, 3, 45, 32, generator=g) for _ in range(4))
+    q, k, v, grad_out = (torch.randn(2, 3, 45, 32, generator=g).to(dtype) for _ in range(4))
     before = torch.get_num_threads()
     try:
         results = []

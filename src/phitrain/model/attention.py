@@ -4,14 +4,15 @@
 through the BLAS; at phi-1-tiny's 32-dim heads that runs far below the FMA units' rate, and its
 backward is slower still. Two remedies, each where it measured faster:
 
-- phitrain's own causal kernel (`model/cpu_attention.c`, fp32, one thread per head with its keys in
-  the caches; `cpu_attention.py` builds it) for CPU training, causal, no mask or dropout, head size a
-  multiple of 16: fp32 inputs, and bf16 inputs on a CPU without AMX (computed in fp32 and cast back;
-  there the flash kernel's bf16 backward was slower than its fp32 one: 22 vs 14 ms per layer where bf16
-  is emulated, AVX2; 29-30 vs 22.6 ms where it is native, Zen 4). On 2 Ice Lake cores (AVX-512,
-  fp32), forward + backward per layer against fp32 flash, side by side (medians of 15): 8 x 8 heads x
-  256 tokens x 32 dims 13.3 vs 19.8 ms, 4 x 1024 61.6 vs 71.9 ms, 4 x 4 heads x 512 x 64 dims 16.7 vs
-  23.4 ms (`benchmarks/model_speed.py` shows it in a whole training step).
+- phitrain's own causal kernel (`model/cpu_attention.c`, one thread per head with its keys in the
+  caches; `cpu_attention.py` builds it) for CPU training, causal, no mask or dropout, head size a
+  multiple of 16: fp32 inputs, and bf16 inputs on a CPU without AMX. In bf16 it runs on AVX512-BF16's
+  dot products where the CPU has them (Zen 4: 2.6-4.6x PyTorch's bf16 flash kernel, forward +
+  backward), else in fp32, rounded back (there the flash kernel's bf16 backward was slower than its
+  fp32 one: 22 vs 14 ms per layer where bf16 is emulated, AVX2). On 2 Ice Lake cores (AVX-512, fp32),
+  forward + backward per layer against fp32 flash, side by side (medians of 15): 8 x 8 heads x 256
+  tokens x 32 dims 13.3 vs 19.8 ms, 4 x 1024 61.6 vs 71.9 ms, 4 x 4 heads x 512 x 64 dims 16.7 vs 23.4
+  ms (`benchmarks/model_speed.py` shows it in a whole training step).
 - Compiled bf16 training (`compile: true`/`auto`) on a CPU with AMX, causal, no dropout, up to
   MATH_BACKWARD_MAX_LEN tokens: the flash forward, whose bf16 block matmuls run on the tile unit, and a
   backward written out as batched matmuls around elementwise work that inductor fuses
@@ -51,7 +52,7 @@ def attention(q, k, v, *, attn_mask, is_causal: bool, dropout_p: float, enable_g
                     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
                 return _FlashForwardMathBackward.apply(q, k, v)
         elif cpu_attention.AVAILABLE and cpu_attention.supports(q, k):
-            return cpu_attention.causal_attention(q.float(), k.float(), v.float())[0].to(q.dtype)
+            return cpu_attention.causal_attention(q, k, v)[0]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                           dropout_p=dropout_p, enable_gqa=enable_gqa)
 

@@ -9,8 +9,14 @@ work in a fixed order, so results do not depend on the thread count. Without a C
 `AVAILABLE` is False and attention keeps PyTorch's kernels (inductor needs the same compiler to compile).
 
 `causal_attention(q, k, v)` is a `torch.library` custom op with its backward registered, so eager
-autograd and `torch.compile` (an opaque call in the graph) both use it; it takes fp32 [B, H, T, D]
-queries and [B, H_kv, T, D] keys/values with D a multiple of 16.
+autograd and `torch.compile` (an opaque call in the graph) both use it; it takes fp32 or bf16
+[B, H, T, D] queries and [B, H_kv, T, D] keys/values with D a multiple of 16, and returns its output
+in their dtype. bf16 runs on AVX512-BF16's dot products where the CPU has them (the build's
+`-march=native` turns them on): the bf16 flash kernel's arithmetic, bf16 operands with fp32 sums, at
+1.6-2x the fp32 kernel's speed (2 Zen 4 cores, forward + backward, side by side, medians of 15: 5.2 vs
+10.4 ms at 8 x 8 heads x 256 tokens x 32 dims, 29.9 vs 49.0 at 4 x 1024, 6.7 vs 11.5 at 4 x 4 x 512 x
+64; PyTorch's bf16 flash kernel took 23.7, 79.1 and 26.1). Elsewhere bf16 is computed in fp32 and
+rounded back.
 """
 
 from __future__ import annotations
@@ -70,14 +76,43 @@ def _library() -> ctypes.CDLL:
                 raise RuntimeError(f"compiling {SOURCE} failed:\n{done.stderr}")
     lib = ctypes.CDLL(str(path))
     ptr, i64, st = ctypes.c_void_p, ctypes.c_int64, _Strides
-    lib.phitrain_attention_forward.argtypes = [ptr] * 5 + [i64] * 5 + [st] * 3 + [ctypes.c_int]
-    lib.phitrain_attention_backward.argtypes = [ptr] * 9 + [i64] * 5 + [st] * 4 + [ctypes.c_int]
-    lib.phitrain_attention_forward.restype = lib.phitrain_attention_backward.restype = None
+    lib.phitrain_attention_has_bf16.restype = ctypes.c_int
+    entries = ["phitrain_attention_forward", "phitrain_attention_backward"]
+    if lib.phitrain_attention_has_bf16():
+        entries += ["phitrain_attention_forward_bf16", "phitrain_attention_backward_bf16"]
+    for name in entries:
+        fn = getattr(lib, name)
+        fn.argtypes = ([ptr] * 5 + [i64] * 5 + [st] * 3 if "forward" in name else [ptr] * 9 + [i64] * 5 + [st] * 4
+                       ) + [ctypes.c_int]
+        fn.restype = None
     return lib
 
 
+@functools.cache
+def has_bf16_kernel() -> bool:
+    """Whether the kernel was built with its bf16 path (the CPU has AVX512-BF16's dot products)."""
+    return AVAILABLE and bool(_library().phitrain_attention_has_bf16())
+
+
+def _entry(name: str, dtype: torch.dtype):
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise RuntimeError(f"phitrain's CPU attention kernel takes float32 or bfloat16, not {dtype}")
+    return getattr(_library(), name + ("_bf16" if dtype == torch.bfloat16 else ""))
+
+
+def _kernel_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in the dtype the kernel computes them in: bf16 as is where it has its bf16 path,
+    else fp32 (a CPU without AVX512-BF16: computed in fp32, the results rounded back to bf16)."""
+    if tensors[0].dtype == torch.bfloat16 and not has_bf16_kernel():
+        return tuple(t.float() for t in tensors)
+    return tensors
+
+
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+    """x itself where the kernel can read it: a unit stride along D and, in bf16 (read as 32-bit words
+    of two dims), rows that start on 4-byte boundaries; else a contiguous copy."""
+    words_ok = x.dtype != torch.bfloat16 or (x.stride(2) % 2 == 0 and x.data_ptr() % 4 == 0)
+    return x if x.stride(-1) == 1 and words_ok else x.contiguous()
 
 
 def _strides(x: torch.Tensor) -> _Strides:
@@ -86,21 +121,23 @@ def _strides(x: torch.Tensor) -> _Strides:
 
 @torch.library.custom_op("phitrain::causal_attention", mutates_args=(), device_types="cpu")
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax(q kᵀ/√D, causal) v as [B, H, T, D] over [B, T, H, D] memory, log-sum-exp [B, H, T])."""
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    """(softmax(q kᵀ/√D, causal) v as [B, H, T, D] over [B, T, H, D] memory in q's dtype, fp32
+    log-sum-exp [B, H, T])."""
+    dtype = q.dtype
+    q, k, v = (_unit_last(t) for t in _kernel_dtype(q, k, v))
     B, H, T, D = q.shape
     out = q.new_empty(B, T, H, D)
-    lse = q.new_empty(B, H, T)
-    _library().phitrain_attention_forward(
+    lse = q.new_empty(B, H, T, dtype=torch.float32)
+    _entry("phitrain_attention_forward", q.dtype)(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
         B, H, k.shape[1], T, D, _strides(q), _strides(k), _strides(v), torch.get_num_threads())
-    return out.transpose(1, 2), lse
+    return out.to(dtype).transpose(1, 2), lse
 
 
 @causal_attention.register_fake
 def _(q, k, v):
     B, H, T, D = q.shape
-    return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T)
+    return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("phitrain::causal_attention_backward", mutates_args=(), device_types="cpu")
@@ -108,16 +145,18 @@ def causal_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
                               out: torch.Tensor, lse: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `causal_attention`'s output with respect to q, k, v (each [B, T, heads, D] memory)."""
+    dtype = q.dtype
+    grad_out, q, k, v, out = _kernel_dtype(grad_out, q, k, v, out)
     grad_out, q, k, v = _unit_last(grad_out), _unit_last(q), _unit_last(k), _unit_last(v)
     out = out.transpose(1, 2).contiguous()
     B, H, T, D = q.shape
     HKV = k.shape[1]
     grad_q, grad_k, grad_v = q.new_empty(B, T, H, D), q.new_empty(B, T, HKV, D), q.new_empty(B, T, HKV, D)
-    _library().phitrain_attention_backward(
+    _entry("phitrain_attention_backward", q.dtype)(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad_out.data_ptr(), lse.contiguous().data_ptr(),
         grad_q.data_ptr(), grad_k.data_ptr(), grad_v.data_ptr(),
         B, H, HKV, T, D, _strides(q), _strides(k), _strides(v), _strides(grad_out), torch.get_num_threads())
-    return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v.transpose(1, 2)
+    return tuple(g.to(dtype).transpose(1, 2) for g in (grad_q, grad_k, grad_v))
 
 
 @causal_attention_backward.register_fake
