@@ -46,10 +46,11 @@ SUMMARY_FILE = "summary.json"
 AUTO_COMPILE_STEP = 3
 # Share of an eager step that compiled blocks save. CPU, phi-1-tiny at 8x256 on 2 cores
 # (benchmarks/model_speed.py): in bf16 on a CPU with AMX 16-23%, most of it the attention backward that
-# only compiled code replaces (model/attention.py); otherwise 3-6%, the attention kernels (30-40% of the
-# step) being the same eager or compiled. CUDA: not measured here (benchmarks/gpu_mfu.py --no-compile
-# measures it); elementwise work is a larger share of a GPU step.
-AUTO_COMPILE_GAIN = {"cpu": 0.05, "cpu-bf16-amx": 0.15, "cuda": 0.10}
+# only compiled code replaces (model/attention.py); in bf16 on other CPUs with bf16 GEMMs (Zen 4) 11-13%
+# (also 4x1024), the casts and elementwise work fused around GEMMs twice as fast as fp32's; otherwise
+# 3-6%, the attention kernels being the same eager or compiled. CUDA: not measured here
+# (benchmarks/gpu_mfu.py --no-compile measures it); elementwise work is a larger share of a GPU step.
+AUTO_COMPILE_GAIN = {"cpu": 0.05, "cpu-bf16": 0.10, "cpu-bf16-amx": 0.15, "cuda": 0.10}
 # The compile time assumed for a configuration never compiled on this machine (cold cache; phi-1-tiny
 # measured 34 s on 2 CPU cores).
 DEFAULT_COMPILE_S = {"cpu": 40.0, "cuda": 90.0}
@@ -345,8 +346,8 @@ class Trainer:
             known = compile_cache.last_compile_seconds(self._compile_key())
             cost = known if known is not None else DEFAULT_COMPILE_S.get(self.device.type, 60.0)
             kind = self.device.type
-            if kind == "cpu" and self.precision == "bf16" and CPU_HAS_AMX:
-                kind = "cpu-bf16-amx"
+            if kind == "cpu" and self.precision == "bf16" and CPU_HAS_NATIVE_BF16:
+                kind = "cpu-bf16-amx" if CPU_HAS_AMX else "cpu-bf16"
             saving = left_s * AUTO_COMPILE_GAIN.get(kind, 0.05)
             decide = bool(self.dist.broadcast_object(saving > cost if self.dist.is_main else None))
             message = (f"{'compiling the blocks' if decide else 'stays eager'}: ~{saving:.0f} s to save over "
