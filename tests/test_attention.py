@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import phitrain.model.attention as attention_mod
 from phitrain.model.attention import _FlashForwardMathBackward
@@ -113,3 +114,28 @@ def _runs_own_kernel(out) -> bool:
     """Whether phitrain's causal-attention op made `out` (directly, or before a cast back to bf16)."""
     fns = [out.grad_fn, *(fn for fn, _ in out.grad_fn.next_functions)]
     return any("phitrain_causal_attention" in type(fn).__name__ for fn in fns)
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "no-amx"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_takes_the_same_kernels(amx, dtype, monkeypatch):
+    """Without gradients (evaluation, a prompt's prefill) causal attention runs phitrain's kernel as
+    training does, the bf16 flash kernel where AMX runs it."""
+    monkeypatch.setattr(attention_mod, "CPU_HAS_AMX", amx)
+    q, k, v = (torch.randn(2, 4, 24, 32, dtype=dtype) for _ in range(3))
+    with torch.no_grad(), _RecordOps() as recorded:
+        out = attention_mod.attention(q, k, v, attn_mask=None, is_causal=True, dropout_p=0.0, enable_gqa=False)
+    own = "phitrain.causal_attention" in recorded.names
+    assert own == (not (amx and dtype == torch.bfloat16)), recorded.names
+    reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    assert out.dtype == dtype and torch.allclose(out.double(), reference, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_phitrain_model, tiny_config
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from phitrain.model import cpu_bf16
 from phitrain.model.loss import linear_cross_entropy
@@ -69,12 +70,28 @@ def test_bf16_autocast_is_close_to_the_autocast_reference(emulated, monkeypatch)
         assert (got - want).norm() / want.norm() < 2e-2
 
 
+class _CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.calls.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 def test_no_grad_computes_only_the_loss():
+    """Under torch.no_grad only the logits' GEMMs run (one a chunk), though h, w, b require gradients."""
     h, w, b, t = _inputs()
-    with torch.no_grad():
+    with torch.no_grad(), _CountMatmuls() as counted:
         loss = linear_cross_entropy(h, w, b, t, chunk_rows=8)
     assert not loss.requires_grad
+    assert counted.calls == ["addmm"] * 5   # 37 rows in chunks of 8
     torch.testing.assert_close(loss, _reference(h, w, b, t).detach(), rtol=1e-6, atol=1e-6)
+    with _CountMatmuls() as counted:        # with gradients: the two gradient GEMMs of each chunk too
+        linear_cross_entropy(h, w, b, t, chunk_rows=8)
+    assert sorted(counted.calls) == sorted(["addmm", "mm", "addmm_"] * 5)
 
 
 def test_all_targets_ignored_gives_zero_not_nan():

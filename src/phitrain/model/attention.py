@@ -1,14 +1,15 @@
-"""Scaled dot-product attention as the model calls it, with CPU training paths chosen by measurement.
+"""Scaled dot-product attention as the model calls it, with CPU paths chosen by measurement.
 
 `F.scaled_dot_product_attention` runs a fused flash kernel on CPU, which multiplies small blocks
 through the BLAS; at phi-1-tiny's 32-dim heads that runs far below the FMA units' rate, and its
 backward is slower still. Two remedies, each where it measured faster:
 
 - phitrain's own causal kernel (`model/cpu_attention.c`, one thread per head with its keys in the
-  caches; `cpu_attention.py` builds it) for CPU training, causal, no mask or dropout, head size a
-  multiple of 16: fp32 inputs, and bf16 inputs on a CPU without AMX. In bf16 it runs on AVX512-BF16's
-  dot products where the CPU has them (Zen 4: 2.6-4.6x PyTorch's bf16 flash kernel, forward +
-  backward), else in fp32, rounded back (there the flash kernel's bf16 backward was slower than its
+  caches; `cpu_attention.py` builds it) for CPU training and inference without a past (evaluation, a
+  prompt's prefill), causal, no mask or dropout, head size a multiple of 16: fp32 inputs, and bf16
+  inputs on a CPU without AMX (its forward alone took 1/1.8-1/3.9 of the flash kernel's time on 2
+  Zen 4 cores). In bf16 it runs on AVX512-BF16's dot products where the CPU has them (Zen 4: 2.6-4.6x
+  PyTorch's bf16 flash kernel, forward + backward), else in fp32, rounded back (there the flash kernel's bf16 backward was slower than its
   fp32 one: 22 vs 14 ms per layer where bf16 is emulated, AVX2). On 2 Ice Lake cores (AVX-512, fp32),
   forward + backward per layer against fp32 flash, side by side (medians of 15): 8 x 8 heads x 256
   tokens x 32 dims 13.3 vs 19.8 ms, 4 x 1024 61.6 vs 71.9 ms, 4 x 4 heads x 512 x 64 dims 16.7 vs 23.4
@@ -43,10 +44,10 @@ CPU_HAS_AMX: bool = torch.cpu._is_amx_tile_supported()
 
 def attention(q, k, v, *, attn_mask, is_causal: bool, dropout_p: float, enable_gqa: bool) -> torch.Tensor:
     """softmax(q kᵀ/√d + mask) v over [B, H, T, D] queries and [B, H_kv, S, D] keys/values."""
-    if (q.device.type == "cpu" and q.requires_grad and is_causal and attn_mask is None and dropout_p == 0.0
+    if (q.device.type == "cpu" and is_causal and attn_mask is None and dropout_p == 0.0
             and q.dtype in (torch.float32, torch.bfloat16)):
         if q.dtype == torch.bfloat16 and CPU_HAS_AMX:
-            if q.shape[-2] <= MATH_BACKWARD_MAX_LEN and torch.compiler.is_compiling():
+            if q.requires_grad and q.shape[-2] <= MATH_BACKWARD_MAX_LEN and torch.compiler.is_compiling():
                 if enable_gqa:   # one key/value head per query head; autograd sums their gradients back
                     group = q.shape[1] // k.shape[1]
                     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

@@ -36,7 +36,7 @@ def _chunk_rows(vocab_size: int) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk: int):
+    def forward(ctx, h, weight, bias, targets, chunk: int, grad_enabled: bool):
         dtype = compute_dtype(h)
         gemm = gemm_dtype(dtype, h.device)   # fp32 GEMMs of bf16 values where bf16 is emulated
 
@@ -48,7 +48,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             bc = cast(bias) if bias is not None else None
             valid = targets != IGNORE_INDEX
             n_valid = valid.sum().clamp(min=1)
-            want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+            # (needs_input_grad says whether the inputs require gradients, also under torch.no_grad)
+            want_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(h) if want_grad else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_grad else None
@@ -108,7 +109,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = None if grad_h is None else grad_h * scale.to(grad_h.dtype)
         gw = None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype)
         gb = None if grad_b is None else (grad_b * scale).to(ctx.weight_dtype)
-        return gh, gw, gb, None, None
+        return gh, gw, gb, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -120,4 +121,4 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """
     h2 = h.reshape(-1, h.shape[-1])
     chunk = chunk_rows or _chunk_rows(weight.shape[0])
-    return _LinearCrossEntropy.apply(h2, weight, bias, targets.reshape(-1), chunk)
+    return _LinearCrossEntropy.apply(h2, weight, bias, targets.reshape(-1), chunk, torch.is_grad_enabled())

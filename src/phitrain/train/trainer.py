@@ -135,8 +135,10 @@ def _rss_mb() -> float:
 # ---- evaluation ----------------------------------------------------------------------------------
 
 @torch.no_grad()
+@torch.no_grad()
 def validation_loss(model, windows: torch.Tensor, batch_size: int, device, precision) -> float | None:
-    """Mean next-token loss over held-out windows [N, seq_len+1]."""
+    """Mean next-token loss over held-out windows [N, seq_len+1], without gradients (with them, the fused
+    loss would compute the vocabulary projection's gradients too: two more GEMMs for every one)."""
     if windows is None or len(windows) == 0:
         return None
     was_training = model.training
