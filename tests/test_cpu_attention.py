@@ -83,17 +83,21 @@ def test_bf16_is_as_accurate_as_the_flash_kernel(B, H, H_kv, T, D):
     for name, a, f, b in zip(["out", "dq", "dk", "dv"], ours[:1] + ours[2:], flash[:1] + flash[2:],
                              reference[:1] + reference[2:]):
         assert a.shape == b.shape and a.dtype == torch.bfloat16, name
-        if b.abs().max() < 1e-6:   # one token: no gradient reaches q and k
-            assert a.abs().max() == 0, name
+        if b.abs().max() < 1e-6:   # one token: no gradient reaches q and k, but for rounding's residue
+            assert a.abs().max() <= max(f.abs().max(), 1e-5), name
             continue
         error = _relative_error(a, b)
         assert error <= 1.2 * _relative_error(f, b) and error < 2 ** -7, (name, error)
 
 
 def test_bf16_uses_the_dot_product_path_where_the_cpu_has_it():
-    """-march=native builds AVX512-BF16's path wherever the CPU reports it; elsewhere bf16 is computed
-    in fp32 and rounded back, exactly the fp32 kernel's results."""
-    assert cpu_attention.has_bf16_kernel() == torch.cpu._is_avx512_bf16_supported()
+    """The build (-march=native) has AVX512-BF16's path wherever the compiler turns the instructions on
+    for this CPU (gcc 10 and later, where the CPU reports them); elsewhere bf16 is computed in fp32."""
+    macros = subprocess.run([cpu_attention._compiler(), "-march=native", "-dM", "-E", "-"], input="",
+                            capture_output=True, text=True, check=True).stdout
+    assert cpu_attention.has_bf16_kernel() == ("__AVX512BF16__" in macros)
+    if torch.cpu._is_avx512_bf16_supported():
+        assert "__AVX512BF16__" in macros, "this compiler does not know the CPU's AVX512-BF16 (gcc < 10?)"
 
 
 def test_bf16_without_dot_products_is_the_fp32_kernel_rounded(monkeypatch):
@@ -122,15 +126,20 @@ def test_takes_the_models_strided_views():
     assert out.transpose(1, 2).is_contiguous()   # [B, T, H, D] memory: the projection reads it as is
 
 
-def test_bf16_rows_off_word_boundaries_are_copied():
-    """bf16 keys are read as 32-bit words of two dims: a view whose rows start mid-word is copied first."""
-    B, H, T, D = 1, 2, 30, 32
+def test_bf16_rows_off_word_boundaries():
+    """bf16 keys are read as 32-bit words of two dims: views whose rows (and heads) start mid-word give
+    the contiguous inputs' results."""
+    B, H, T, D = 2, 2, 30, 32
     g = torch.Generator().manual_seed(3)
-    base = torch.randn(3, B, H, T, D + 1, generator=g).bfloat16()
-    q, k, v = (base[i, ..., 1:] for i in range(3))   # row stride D + 1: odd
     grad_out = torch.randn(B, H, T, D, generator=g).bfloat16()
-    for a, b in zip(_ours(q, k, v, grad_out), _ours(q.contiguous(), k.contiguous(), v.contiguous(), grad_out)):
-        assert torch.equal(a, b)
+    padded = torch.randn(3, B, H, T, D + 1, generator=g).bfloat16()
+    shifted = torch.randn(3, B * H * T * D + 1, generator=g).bfloat16()
+    for q, k, v in [[padded[i, ..., 1:] for i in range(3)],                             # row stride D + 1
+                    [shifted[i, 1:].view(B, H, T, D) for i in range(3)]]:               # starts mid-word
+        assert q.stride(-1) == 1
+        contiguous = [t.clone(memory_format=torch.contiguous_format) for t in (q, k, v)]
+        for a, b in zip(_ours(q, k, v, grad_out), _ours(*contiguous, grad_out)):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -167,10 +176,14 @@ def test_same_bits_on_any_thread_count(dtype):
 
 def test_supports_only_what_it_computes():
     q = torch.zeros(1, 4, 8, 32)
-    assert cpu_attention.supports(q, torch.zeros(1, 2, 8, 32))
-    assert not cpu_attention.supports(torch.zeros(1, 4, 8, 24), torch.zeros(1, 4, 8, 24))   # head size
-    assert not cpu_attention.supports(q, torch.zeros(1, 4, 9, 32))                           # past keys
-    assert not cpu_attention.supports(q, torch.zeros(1, 3, 8, 32))                           # 4 heads over 3
+    kv = torch.zeros(1, 2, 8, 32)
+    assert cpu_attention.supports(q, kv, kv)
+    assert not cpu_attention.supports(torch.zeros(1, 4, 8, 24), *[torch.zeros(1, 4, 8, 24)] * 2)   # head size
+    assert not cpu_attention.supports(q, *[torch.zeros(1, 4, 9, 32)] * 2)                          # past keys
+    assert not cpu_attention.supports(q, *[torch.zeros(1, 3, 8, 32)] * 2)                          # 4 heads over 3
+    assert not cpu_attention.supports(q.bfloat16(), kv, kv)                                        # mixed dtypes
+    with pytest.raises(RuntimeError, match="one dtype"):
+        cpu_attention.causal_attention(q.bfloat16(), kv, kv)
 
 
 def test_library_is_built_once_per_cache(tmp_path):

@@ -52,7 +52,7 @@ def attention(q, k, v, *, attn_mask, is_causal: bool, dropout_p: float, enable_g
                     group = q.shape[1] // k.shape[1]
                     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
                 return _FlashForwardMathBackward.apply(q, k, v)
-        elif cpu_attention.AVAILABLE and cpu_attention.supports(q, k):
+        elif cpu_attention.AVAILABLE and cpu_attention.supports(q, k, v):
             return cpu_attention.causal_attention(q, k, v)[0]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                           dropout_p=dropout_p, enable_gqa=enable_gqa)

@@ -79,16 +79,18 @@ static float *alloc(int64_t n) { return aligned_alloc(64, ((n * sizeof(float) + 
 /* 32-bit words of any type: a float, or a pair of bf16 values */
 typedef uint32_t __attribute__((may_alias)) word;
 
-/* Keys transposed in blocks of W: kt[c0 D + d W + j] = k[c0 + j, d] (zero past T), for D words a key.
- * One vector holds W consecutive keys' d-th dims, and a block's D vectors are contiguous (a plain
- * [D, T] transpose put them T floats apart, which at T = 1024 maps all D into one L1 set). */
-static void transpose(const void *src, int64_t skt, int64_t T, int64_t D, int64_t tp, void *dst) {
-    const word *k = src;
+/* Keys transposed in blocks of W: kt[c0 D + d W + j] = k[c0 + j, d] (zero past T), for D words a key,
+ * the keys `row_bytes` apart (a bf16 key may start mid-word: each word is read with memcpy). One
+ * vector holds W consecutive keys' d-th dims, and a block's D vectors are contiguous (a plain [D, T]
+ * transpose put them T floats apart, which at T = 1024 maps all D into one L1 set). */
+static void transpose(const void *src, int64_t row_bytes, int64_t T, int64_t D, int64_t tp, void *dst) {
+    const char *k = src;
     word *kt = dst;
     memset(kt, 0, sizeof(word) * D * tp);
     for (int64_t c0 = 0; c0 < T; c0 += W)
         for (int64_t j = 0; j < W && c0 + j < T; j++)
-            for (int64_t d = 0; d < D; d++) kt[c0 * D + d * W + j] = k[(c0 + j) * skt + d];
+            for (int64_t d = 0; d < D; d++)
+                memcpy(kt + c0 * D + d * W + j, k + (c0 + j) * row_bytes + d * sizeof(word), sizeof(word));
 }
 
 /* rows r < nr of O (stride so apart) = inv[r] * sum_c p[r, c] v[c], nd vectors of D (a constant once inlined) */
@@ -156,7 +158,7 @@ void phitrain_attention_forward(const float *q, const float *k, const float *v, 
             const int64_t b = bh / H, h = bh % H, hk = h / group;
             const float *qh = q + b * sq.b + h * sq.h;
             const float *vh = v + b * sv.b + hk * sv.h;
-            transpose(k + b * sk.b + hk * sk.h, sk.t, T, D, tp, kt);
+            transpose(k + b * sk.b + hk * sk.h, sk.t * sizeof(float), T, D, tp, kt);
             for (int64_t i0 = 0; i0 < T; i0 += RF) {
                 const int64_t nr = T - i0 < RF ? T - i0 : RF, ncols = i0 + nr;
                 for (int64_t r = 0; r < nr; r++)
@@ -220,8 +222,8 @@ void phitrain_attention_backward(const float *q, const float *k, const float *v,
         for (int64_t bk = 0; bk < B * HKV; bk++) {
             const int64_t b = bk / HKV, hk = bk % HKV;
             const float *kh = k + b * sk.b + hk * sk.h;
-            transpose(kh, sk.t, T, D, tp, kt);
-            transpose(v + b * sv.b + hk * sv.h, sv.t, T, D, tp, vt);
+            transpose(kh, sk.t * sizeof(float), T, D, tp, kt);
+            transpose(v + b * sv.b + hk * sv.h, sv.t * sizeof(float), T, D, tp, vt);
             memset(gk, 0, sizeof(float) * tp * D);
             memset(gv, 0, sizeof(float) * tp * D);
             for (int64_t h = hk * group; h < (hk + 1) * group; h++) {
@@ -391,7 +393,7 @@ void phitrain_attention_forward_bf16(const bf16 *q, const bf16 *k, const bf16 *v
         for (int64_t bh = 0; bh < B * H; bh++) {
             const int64_t b = bh / H, h = bh % H, hk = h / group;
             const bf16 *qh = q + b * sq.b + h * sq.h;
-            transpose(k + b * sk.b + hk * sk.h, sk.t / 2, T, D2, tp, kt);   /* words of two dims */
+            transpose(k + b * sk.b + hk * sk.h, sk.t * sizeof(bf16), T, D2, tp, kt);   /* words of two dims */
             pair_keys(v + b * sv.b + hk * sv.h, sv.t, T, D, tp, vp);
             for (int64_t i0 = 0; i0 < T; i0 += RF) {
                 const int64_t nr = T - i0 < RF ? T - i0 : RF, ncols = i0 + nr;
@@ -462,8 +464,8 @@ void phitrain_attention_backward_bf16(const bf16 *q, const bf16 *k, const bf16 *
         for (int64_t bk = 0; bk < B * HKV; bk++) {
             const int64_t b = bk / HKV, hk = bk % HKV;
             const bf16 *kh = k + b * sk.b + hk * sk.h;
-            transpose(kh, sk.t / 2, T, D2, tp, kt);
-            transpose(v + b * sv.b + hk * sv.h, sv.t / 2, T, D2, tp, vt);
+            transpose(kh, sk.t * sizeof(bf16), T, D2, tp, kt);
+            transpose(v + b * sv.b + hk * sv.h, sv.t * sizeof(bf16), T, D2, tp, vt);
             pair_keys(kh, sk.t, T, D, tp, kp);
             memset(gk, 0, sizeof(float) * tp * D);
             memset(gv, 0, sizeof(float) * tp * D);

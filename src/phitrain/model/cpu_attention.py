@@ -95,24 +95,23 @@ def has_bf16_kernel() -> bool:
 
 
 def _entry(name: str, dtype: torch.dtype):
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise RuntimeError(f"phitrain's CPU attention kernel takes float32 or bfloat16, not {dtype}")
     return getattr(_library(), name + ("_bf16" if dtype == torch.bfloat16 else ""))
 
 
 def _kernel_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The tensors in the dtype the kernel computes them in: bf16 as is where it has its bf16 path,
-    else fp32 (a CPU without AVX512-BF16: computed in fp32, the results rounded back to bf16)."""
+    """The tensors (all float32 or all bfloat16) in the dtype the kernel computes them in: bf16 as is
+    where it has its bf16 path, else fp32 (a CPU without AVX512-BF16: the results rounded back)."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.bfloat16}:
+        raise RuntimeError(f"phitrain's CPU attention kernel takes float32 or bfloat16 tensors of one dtype, "
+                           f"not {sorted(map(str, dtypes))}")
     if tensors[0].dtype == torch.bfloat16 and not has_bf16_kernel():
         return tuple(t.float() for t in tensors)
     return tensors
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    """x itself where the kernel can read it: a unit stride along D and, in bf16 (read as 32-bit words
-    of two dims), rows that start on 4-byte boundaries; else a contiguous copy."""
-    words_ok = x.dtype != torch.bfloat16 or (x.stride(2) % 2 == 0 and x.data_ptr() % 4 == 0)
-    return x if x.stride(-1) == 1 and words_ok else x.contiguous()
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _strides(x: torch.Tensor) -> _Strides:
@@ -178,6 +177,8 @@ def _backward(ctx, grad_out, _grad_lse):
 causal_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether the kernel takes these queries and keys: same length, head size a multiple of 16."""
-    return q.shape[-2] == k.shape[-2] and q.shape[-1] % HEAD_DIM_MULTIPLE == 0 and q.shape[1] % k.shape[1] == 0
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel takes these queries, keys and values: one dtype, same length, head size a
+    multiple of 16, query heads a multiple of key/value heads."""
+    return (q.dtype == k.dtype == v.dtype and q.shape[-2] == k.shape[-2] and q.shape[-1] % HEAD_DIM_MULTIPLE == 0
+            and q.shape[1] % k.shape[1] == 0)
