@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phitrain.model import cpu_attention
+from phitrain.model import cpu_attention, cpu_build
 
 SHAPES = [
     (2, 3, 3, 37, 32),    # ragged row blocks and key vectors
@@ -93,7 +93,7 @@ def test_bf16_is_as_accurate_as_the_flash_kernel(B, H, H_kv, T, D):
 def test_bf16_uses_the_dot_product_path_where_the_cpu_has_it():
     """The build (-march=native) has AVX512-BF16's path wherever the compiler turns the instructions on
     for this CPU (gcc 10 and later, where the CPU reports them); elsewhere bf16 is computed in fp32."""
-    macros = subprocess.run([cpu_attention._compiler(), "-march=native", "-dM", "-E", "-"], input="",
+    macros = subprocess.run([cpu_build.compiler(), "-march=native", "-dM", "-E", "-"], input="",
                             capture_output=True, text=True, check=True).stdout
     assert cpu_attention.has_bf16_kernel() == ("__AVX512BF16__" in macros)
     if torch.cpu._is_avx512_bf16_supported():

@@ -43,7 +43,7 @@ def test_compiled_gelu_is_the_tanh_gelu(dtype):
     x_ref = x.clone().requires_grad_()
     F.gelu(x_ref, approximate="tanh").sum().backward()
     compiled = torch.compile(gelu_tanh, fullgraph=True)
-    for fn in (compiled, gelu_tanh):   # the compiled (sigmoid) form and the eager (ATen) one
+    for fn in (compiled, gelu_tanh):   # the compiled (sigmoid) form and the eager one (C kernel on CPU)
         xs = x.to(dtype).requires_grad_()
         out = fn(xs)
         out.sum().backward()

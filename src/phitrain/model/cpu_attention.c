@@ -20,53 +20,13 @@
  * are written as [B, T, heads, D] contiguous (what the output projection reads, and a free transpose
  * on the Python side); lse is [B, H, T] contiguous.
  */
-#include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-#define W 16 /* floats per vector */
+#include "cpu_vector.h"
+
 #define RF 8 /* query rows per register block: forward */
 #define RB 4 /* backward: its loops hold twice the accumulators (8 spilled registers and measured slower) */
 #define DC 2 /* vectors of D per pass in the loops that run along D */
-#define LOG2E 1.4426950408889634f
-#define LN2 0.6931471805599453f
-
-typedef float vf __attribute__((vector_size(W * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
-
-static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline vf splat(float x) { return (vf){0} + x; }
-/* a where the mask's lanes are all ones, b where they are zero */
-static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
-
-/* 2^x for x <= 0 (scores in base 2 minus their row maximum or log-sum-exp): x = n + f, |f| <= 1/2,
- * 2^f by its Taylor series to f^6 (relative error < 2e-7), 2^n by the exponent bits; 0 below -126. */
-static inline vf vexp2(vf x) {
-    const vi live = x >= -126.0f;
-    x = select(live, x, splat(-126.0f));
-    const vf magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    vf n = (x + magic) - magic, f = x - n;
-    vf p = splat(1.5403530393381606e-4f);           /* ln2^6 / 6! ... ln2 / 1!, 1 */
-    p = p * f + 1.3333558146428443e-3f;
-    p = p * f + 9.618129107628477e-3f;
-    p = p * f + 5.550410866482158e-2f;
-    p = p * f + 0.2402265069591007f;
-    p = p * f + 0.6931471805599453f;
-    p = p * f + 1.0f;
-    vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-    return (vf)((vi)(p * (vf)bits) & live);
-}
-
-#ifdef __AVX512F__
-#include <immintrin.h>
-static inline float hmax(vf v) { return _mm512_reduce_max_ps((__m512)v); }
-static inline float hsum(vf v) { return _mm512_reduce_add_ps((__m512)v); }
-#else
-static inline float hmax(vf v) { float m = v[0]; for (int j = 1; j < W; j++) m = v[j] > m ? v[j] : m; return m; }
-static inline float hsum(vf v) { float s = 0; for (int j = 0; j < W; j++) s += v[j]; return s; }
-#endif
 
 /* lanes c0 + j <= last are kept: an all-ones mask for them, zero past the causal limit */
 static inline vi upto(int64_t c0, int64_t last) {
@@ -294,8 +254,6 @@ void phitrain_attention_backward(const float *q, const float *k, const float *v,
 #if defined(__AVX512BF16__)
 #define RBH 4 /* query rows per register block in the backward (an even number: pairs of rows) */
 
-typedef uint16_t bf16;
-
 static bf16 *alloc_bf16(int64_t n) { return (bf16 *)alloc((n + 1) / 2); }
 static inline __m512i loadw(const void *p) { return _mm512_loadu_si512(p); }
 static inline __m512i bcast(const void *p) { word x; memcpy(&x, p, sizeof x); return _mm512_set1_epi32((int)x); }
@@ -304,14 +262,10 @@ static inline vf dot(vf acc, __m512i a, __m512i b) {
     return (vf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
 }
 static inline __m256i to_bf16(vf x) { return (__m256i)_mm512_cvtneps_pbh((__m512)x); }   /* round to nearest even */
-static inline vf from_bf16(const bf16 *p) {
-    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
-}
 /* 16 words (a[j], b[j]) */
 static inline __m512i interleave(__m256i a, __m256i b) {
     return _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
 }
-static inline void store_bf16(bf16 *p, vf x) { _mm256_storeu_si256((__m256i *)p, to_bf16(x)); }
 
 /* Rows in pairs of keys: xp[c D + 2 d + e] = x[c + e, d] for even c (zero past T), tp even. */
 static void pair_keys(const bf16 *x, int64_t st, int64_t T, int64_t D, int64_t tp, bf16 *xp) {
@@ -481,7 +435,7 @@ void phitrain_attention_backward_bf16(const bf16 *q, const bf16 *k, const bf16 *
                             memcpy(qs + r * D, qh + i * sq.t, sizeof(bf16) * D);
                             memcpy(dos + r * D, doh + i * sdo.t, sizeof(bf16) * D);
                             for (int64_t d0 = 0; d0 < D; d0 += W)
-                                dd += from_bf16(dos + r * D + d0) * from_bf16(o + ((b * T + i) * H + h) * D + d0);
+                                dd += load_bf16(dos + r * D + d0) * load_bf16(o + ((b * T + i) * H + h) * D + d0);
                         } else {
                             memset(qs + r * D, 0, sizeof(bf16) * D);
                             memset(dos + r * D, 0, sizeof(bf16) * D);

@@ -1,12 +1,7 @@
-"""phitrain's CPU causal-attention kernel (`cpu_attention.c`), built on first use and exposed as a torch op.
+"""phitrain's CPU causal-attention kernel (`cpu_attention.c`), exposed as a torch op.
 
-The C file is compiled once per source, compiler and CPU with `cc -O3 -march=native -fopenmp` into
-`kernels/` of phitrain's cache directory (`phitrain.compile_cache.cache_dir()`), through
-`phitrain.files.atomic_path`, so concurrent processes never load half a library. Its OpenMP threads
-are the ones torch already runs (torch's libgomp is loaded first and satisfies the library's
-dependency by its soname), so the kernel adds no second pool; each call asks for `torch.get_num_threads()` threads. Each head is one thread's
-work in a fixed order, so results do not depend on the thread count. Without a C compiler,
-`AVAILABLE` is False and attention keeps PyTorch's kernels (inductor needs the same compiler to compile).
+The C file is built on first use for this machine (`phitrain.model.cpu_build`). Each head is one
+thread's work in a fixed order, so results do not depend on the thread count.
 
 `causal_attention(q, k, v)` is a `torch.library` custom op with its backward registered, so eager
 autograd and `torch.compile` (an opaque call in the graph) both use it; it takes fp32 or bf16
@@ -23,58 +18,23 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import torch
 
-from phitrain.compile_cache import cache_dir
-from phitrain.files import atomic_path
+from phitrain.model import cpu_build
 
-SOURCE = Path(__file__).with_name("cpu_attention.c")
-# -ffp-contract=fast: in ISO C mode gcc would not fuse a * b + c into one FMA (2x the arithmetic ops)
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-ffp-contract=fast"]
 HEAD_DIM_MULTIPLE = 16
+# Where the kernel can be built: a C compiler on PATH (or $CC).
+AVAILABLE: bool = cpu_build.AVAILABLE
 
 
 class _Strides(ctypes.Structure):
     _fields_ = [("b", ctypes.c_int64), ("h", ctypes.c_int64), ("t", ctypes.c_int64)]
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
-# Where the kernel can be built: a C compiler on PATH (or $CC).
-AVAILABLE: bool = _compiler() is not None
-
-
 @functools.cache
 def _library() -> ctypes.CDLL:
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("phitrain's CPU attention kernel needs a C compiler (cc or $CC)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_flags()])
-                         .encode()).hexdigest()[:16]
-    path = cache_dir() / "kernels" / f"cpu_attention-{key}.so"
-    if not path.exists():
-        with atomic_path(path) as tmp:
-            done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"compiling {SOURCE} failed:\n{done.stderr}")
-    lib = ctypes.CDLL(str(path))
+    lib = cpu_build.build("cpu_attention")
     ptr, i64, st = ctypes.c_void_p, ctypes.c_int64, _Strides
     lib.phitrain_attention_has_bf16.restype = ctypes.c_int
     entries = ["phitrain_attention_forward", "phitrain_attention_backward"]
