@@ -19,6 +19,10 @@ Each side runs as its own users would run it on this device:
 All three hold the same weights: phitrain's, renamed (litgpt's fused qkv has phitrain's [q; k; v] layout;
 transformers gets split q/k/v through phitrain's own export), and the greedy tokens of all are compared.
 
+On CPU the process keeps freed memory for reuse (`--freed-memory keep`, the default), as phitrain's
+trainer does: one setting for the whole process, so every framework gets it (without it each of them
+takes thousands of page faults a step; `--freed-memory default` measures glibc's own behaviour).
+
 Repetitions alternate over every (framework, mode) and swap direction each round, so machine noise such
 as other processes on a shared CPU hits all alike; each framework is reported at its best mode, by the
 median over repetitions, and the ratio is phitrain's over the best other framework. Prints a rich table,
@@ -71,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5, help="alternating repetitions per measurement")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--freed-memory", choices=["keep", "default"], default="keep",
+                   help="what the C library does with freed tensors, for the whole process and so for every "
+                        "framework: keep them for reuse, as phitrain's trainer sets it on CPU "
+                        "(train.parallel.set_freed_memory_policy), or glibc's default")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -307,6 +315,10 @@ def main(argv=None) -> dict:
             raise SystemExit(f"error: benchmarks/model_speed.py: cannot import {peer} ({err}); install it "
                              f"(see the docstring) or leave it out with --peers")
     torch.set_num_threads(args.threads)
+    if args.freed_memory == "keep" and args.device == "cpu":
+        from phitrain.train.parallel import set_freed_memory_policy
+
+        set_freed_memory_policy(release=False, report=True)
     warnings.filterwarnings("ignore")
     base = phitrain_model(args)
     models = {"phitrain": base}
@@ -324,7 +336,7 @@ def main(argv=None) -> dict:
                   f"{cfg.num_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size}, "
                   f"{base.num_params() / 1e6:.1f}M params; device {args.device}, {torch.get_num_threads()} threads; "
                   + ", ".join(f"{k} {v}" for k, v in versions.items())
-                  + f"; medians of {args.reps} alternating reps")
+                  + f"; medians of {args.reps} alternating reps; freed memory: {args.freed_memory}")
 
     record = {"config": vars(args), "params": base.num_params(), "versions": versions,
               "threads": torch.get_num_threads()}

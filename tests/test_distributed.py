@@ -416,30 +416,46 @@ def test_deepspeed_single_process_zero3_bf16_and_refuses_other_world(recipe, sin
 
 
 def test_return_freed_memory_defaults_to_the_sharded_strategies(monkeypatch):
-    """`parallel.return_freed_memory` (auto) sets glibc's mmap threshold for fsdp/deepspeed on CPU only."""
+    """`parallel.return_freed_memory` (auto) releases freed memory for fsdp/deepspeed and keeps it for the
+    others, on CPU only; set, it applies to any strategy."""
     import torch
 
     from phitrain.config import ParallelConfig
     from phitrain.train import parallel
 
     calls = []
-    monkeypatch.setattr(parallel, "return_freed_memory_to_os", lambda report: calls.append(report) or True)
+    monkeypatch.setattr(parallel, "set_freed_memory_policy", lambda release, report: calls.append(release) or True)
     stage = StageConfig.model_validate(dict(
         name="s", model="phi-1-tiny", data={"data_dir": "d", "sources": [{"path": "a", "weight": 1.0}]},
         seq_len=32, global_batch_size=4, micro_batch_size=4, max_steps=1))
     cpu, dist = torch.device("cpu"), parallel.Dist()
     parallel.make_engine(stage, ParallelConfig(strategy="none"), dist, "fp32", cpu)
-    assert calls == []
+    assert calls == [False]
     parallel.make_engine(stage, ParallelConfig(strategy="fsdp"), dist, "fp32", cpu)
-    assert calls == [True]
+    assert calls == [False, True]
     parallel.make_engine(stage, ParallelConfig(strategy="fsdp"), dist, "fp32", torch.device("meta"))
     parallel.make_engine(stage, ParallelConfig(strategy="fsdp", return_freed_memory=False), dist, "fp32", cpu)
-    assert calls == [True]
+    assert calls == [False, True, False]
     parallel.make_engine(stage, ParallelConfig(strategy="none", return_freed_memory=True), dist, "fp32", cpu)
-    assert calls == [True, True]
+    assert calls == [False, True, False, True]
 
 
-def test_return_freed_memory_takes_effect_on_glibc():
-    from phitrain.train.parallel import return_freed_memory_to_os
-
-    assert return_freed_memory_to_os(report=True) is True     # this machine's C library is glibc
+def test_freed_memory_policy_takes_effect_on_glibc():
+    """This machine's C library is glibc: both policies apply, and kept memory is reused without page
+    faults (in a fresh process: the policy is the process's)."""
+    script = """
+import resource, torch
+from phitrain.train.parallel import set_freed_memory_policy
+assert set_freed_memory_policy(release=True, report=True) and set_freed_memory_policy(release=False, report=True)
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        t = torch.empty(64 << 20, dtype=torch.uint8)
+        t.fill_(1)
+        del t
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+print(faults())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) < 100   # 4 x 64 MB freshly mapped would be ~65,000 faults
