@@ -459,3 +459,23 @@ print(faults())
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert int(out.stdout.split()[-1]) < 100   # 4 x 64 MB freshly mapped would be ~65,000 faults
+
+
+def test_release_after_keep_returns_memory_again():
+    """A process that kept freed memory (one stage) and then releases it (a sharded next stage) hands
+    freed heap memory back to the OS again: the trim threshold is reset with the mmap threshold. (128
+    tensors of 512 KB, under the 1 MB mmap threshold, live at the heap's top and go back when freed.)"""
+    script = """
+import resource, torch
+from phitrain.train.parallel import set_freed_memory_policy
+assert set_freed_memory_policy(release=False, report=True) and set_freed_memory_policy(release=True, report=True)
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    tensors = [torch.ones(512 << 10, dtype=torch.uint8) for _ in range(128)]
+    del tensors
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+print(faults())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert int(out.stdout.split()[-1]) > 10_000   # 64 MB taken afresh from the OS (~16,000 faults)

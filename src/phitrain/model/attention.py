@@ -9,11 +9,12 @@ backward is slower still. Two remedies, each where it measured faster:
   prompt's prefill), causal, no mask or dropout, head size a multiple of 16: fp32 inputs, and bf16
   inputs on a CPU without AMX (its forward alone took 1/1.8-1/3.9 of the flash kernel's time on 2
   Zen 4 cores). In bf16 it runs on AVX512-BF16's dot products where the CPU has them (Zen 4: 2.6-4.6x
-  PyTorch's bf16 flash kernel, forward + backward), else in fp32, rounded back (there the flash kernel's bf16 backward was slower than its
-  fp32 one: 22 vs 14 ms per layer where bf16 is emulated, AVX2). On 2 Ice Lake cores (AVX-512, fp32),
-  forward + backward per layer against fp32 flash, side by side (medians of 15): 8 x 8 heads x 256
-  tokens x 32 dims 13.3 vs 19.8 ms, 4 x 1024 61.6 vs 71.9 ms, 4 x 4 heads x 512 x 64 dims 16.7 vs 23.4
-  ms (`benchmarks/model_speed.py` shows it in a whole training step).
+  PyTorch's bf16 flash kernel, forward + backward), else in fp32, rounded back (there the flash
+  kernel's bf16 backward was slower than its fp32 one: 22 vs 14 ms per layer where bf16 is emulated,
+  AVX2). On 2 Ice Lake cores (AVX-512, fp32), forward + backward per layer against fp32 flash, side
+  by side (medians of 15): 8 x 8 heads x 256 tokens x 32 dims 13.3 vs 19.8 ms, 4 x 1024 61.6 vs 71.9
+  ms, 4 x 4 heads x 512 x 64 dims 16.7 vs 23.4 ms (`benchmarks/model_speed.py` shows it in a whole
+  training step).
 - Compiled bf16 training (`compile: true`/`auto`) on a CPU with AMX, causal, no dropout, up to
   MATH_BACKWARD_MAX_LEN tokens: the flash forward, whose bf16 block matmuls run on the tile unit, and a
   backward written out as batched matmuls around elementwise work that inductor fuses

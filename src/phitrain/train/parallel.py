@@ -506,6 +506,7 @@ def make_engine(stage: StageConfig, cfg: ParallelConfig, dist: Dist, precision: 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _RELEASE_BYTES = 1 << 20
+_DEFAULT_TRIM_BYTES = 128 << 10   # glibc's own M_TRIM_THRESHOLD
 _KEEP_BYTES = (1 << 31) - 1
 
 
@@ -524,11 +525,9 @@ def set_freed_memory_policy(release: bool, report: bool) -> bool:
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        if release:
-            ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, _RELEASE_BYTES))
-        else:
-            ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(libc.mallopt(_M_TRIM_THRESHOLD,
-                                                                                          _KEEP_BYTES))
+        # both thresholds each time: a process may keep for one stage and release for the next
+        mmap, trim = (_RELEASE_BYTES, _DEFAULT_TRIM_BYTES) if release else (_KEEP_BYTES, _KEEP_BYTES)
+        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim))
     except (OSError, AttributeError):
         ok = False
     if not ok and report:
